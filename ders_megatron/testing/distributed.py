@@ -1,0 +1,197 @@
+"""Run test bodies on N gloo ranks, with megatron-core parallel state.
+
+Spawning a process costs ~3 s of imports, re-initializing megatron's model
+parallel state well under 0.1 s. So :class:`DistributedPool` keeps N worker
+processes alive (one gloo process group for the pool's life) and runs many
+test bodies on them, each under its own parallel layout
+(:func:`model_parallel`). A body is a picklable top-level function called as
+``fn(*args, **kwargs)`` on every rank; its per-rank return values come back as
+a list.
+
+Failure handling: the failing rank's traceback is raised in the parent as
+:class:`RankFailure`; a body that outlives its timeout raises ``TimeoutError``
+naming the ranks that did not answer. Either way the workers are killed (a
+rank stuck in a collective cannot be recovered) and restarted on next use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import queue
+import socket
+import sys
+import time
+import traceback
+from typing import Any, Callable
+
+DEFAULT_TIMEOUT_S = 300.0
+_GRACE_AFTER_FAILURE_S = 10.0
+
+
+class RankFailure(RuntimeError):
+    """A test body raised on at least one rank."""
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_process_group(rank: int, world_size: int, port: int) -> None:
+    import torch.distributed as dist
+
+    from ders_megatron.runtime import distributed_backend, enable_cpu_runtime
+
+    enable_cpu_runtime()
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+    )
+    dist.init_process_group(backend=distributed_backend(), rank=rank, world_size=world_size)
+
+
+@contextlib.contextmanager
+def model_parallel(
+    tp: int = 1,
+    pp: int = 1,
+    ep: int = 1,
+    etp: int | None = None,
+    vpp: int | None = None,
+    cp: int = 1,
+    seed: int = 1234,
+):
+    """Initialize megatron-core's parallel state (and RNG tracker) for a block."""
+    import torch
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        context_parallel_size=cp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+    )
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    try:
+        yield
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def _worker_main(rank, world_size, port, sys_path, task_queue, result_queue):
+    sys.path[:] = sys_path
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    try:
+        init_process_group(rank, world_size, port)
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        result_queue.put((rank, False, traceback.format_exc()))
+        return
+    while True:
+        task = task_queue.get()
+        if task is None:
+            break
+        fn, args, kwargs = task
+        try:
+            result_queue.put((rank, True, fn(*args, **kwargs)))
+        except BaseException:  # noqa: BLE001 - reported to the parent
+            result_queue.put((rank, False, traceback.format_exc()))
+    import torch.distributed as dist
+
+    # Without it, 2-rank gloo runs sometimes abort at exit.
+    dist.destroy_process_group()
+
+
+class DistributedPool:
+    """N persistent gloo ranks that run test bodies (see module docstring)."""
+
+    def __init__(self, world_size: int, timeout_s: float = DEFAULT_TIMEOUT_S):
+        self.world_size = world_size
+        self.timeout_s = timeout_s
+        self._ctx = mp.get_context("spawn")
+        self._procs: list[mp.Process] = []
+
+    def _start(self) -> None:
+        port = free_port()
+        self._tasks = [self._ctx.Queue() for _ in range(self.world_size)]
+        self._results = self._ctx.Queue()
+        self._procs = [
+            self._ctx.Process(
+                target=_worker_main,
+                args=(rank, self.world_size, port, list(sys.path), self._tasks[rank], self._results),
+                daemon=True,
+            )
+            for rank in range(self.world_size)
+        ]
+        for proc in self._procs:
+            proc.start()
+
+    def run(self, fn: Callable, *args, timeout_s: float | None = None, **kwargs) -> list[Any]:
+        """Run ``fn(*args, **kwargs)`` on every rank; return the results by rank."""
+        if not self._procs:
+            self._start()
+        for task_queue in self._tasks:
+            task_queue.put((fn, args, kwargs))
+        results, failures = self._collect(timeout_s or self.timeout_s)
+        if failures:
+            self.close(kill=True)
+            details = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(failures.items()))
+            raise RankFailure(f"{fn.__name__} failed on rank(s) {sorted(failures)}:\n{details}")
+        return [results[rank] for rank in range(self.world_size)]
+
+    def _collect(self, timeout_s: float):
+        results: dict[int, Any] = {}
+        failures: dict[int, str] = {}
+        deadline = time.monotonic() + timeout_s
+        grace_deadline = None
+        while len(results) + len(failures) < self.world_size:
+            now = time.monotonic()
+            if failures and grace_deadline is None:
+                grace_deadline = now + _GRACE_AFTER_FAILURE_S
+            if grace_deadline is not None and now > grace_deadline:
+                return results, failures  # the others are stuck in a collective
+            if now > deadline:
+                missing = sorted(set(range(self.world_size)) - set(results) - set(failures))
+                self.close(kill=True)
+                raise TimeoutError(f"ranks {missing} did not finish within {timeout_s:.0f} s")
+            try:
+                rank, ok, payload = self._results.get(timeout=1.0)
+                (results if ok else failures)[rank] = payload
+            except queue.Empty:
+                for rank, proc in enumerate(self._procs):
+                    if not proc.is_alive() and rank not in results and rank not in failures:
+                        failures[rank] = f"process exited with code {proc.exitcode}"
+        return results, failures
+
+    def close(self, kill: bool = False) -> None:
+        if not self._procs:
+            return
+        if not kill:
+            for task_queue in self._tasks:
+                task_queue.put(None)
+            for proc in self._procs:
+                proc.join(timeout=30)
+        for proc in self._procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        self._procs = []
+
+
+def run_distributed(fn: Callable, world_size: int, *args, timeout_s: float | None = None, **kwargs):
+    """One-off: start ``world_size`` ranks, run ``fn`` on each, shut down."""
+    pool = DistributedPool(world_size)
+    try:
+        return pool.run(fn, *args, timeout_s=timeout_s, **kwargs)
+    finally:
+        pool.close()
