@@ -16,6 +16,7 @@ rank stuck in a collective cannot be recovered) and restarted on next use.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import multiprocessing as mp
 import os
@@ -129,12 +130,15 @@ class DistributedPool:
             self._ctx.Process(
                 target=_worker_main,
                 args=(rank, self.world_size, port, list(sys.path), self._tasks[rank], self._results),
-                daemon=True,
+                # Not daemonic: dist_checkpointing's async writer starts its own
+                # Manager process, which daemonic processes may not do.
+                daemon=False,
             )
             for rank in range(self.world_size)
         ]
         for proc in self._procs:
             proc.start()
+        atexit.register(self.close, kill=True)
 
     def run(self, fn: Callable, *args, timeout_s: float | None = None, **kwargs) -> list[Any]:
         """Run ``fn(*args, **kwargs)`` on every rank; return the results by rank."""

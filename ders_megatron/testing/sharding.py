@@ -22,6 +22,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 _LOCAL_EXPERT = re.compile(r"local_experts\.(\d+)\.")
+_LAYER = re.compile(r"(?<![a-z_])layers\.(\d+)\.")
 
 
 def _is_expert(param) -> bool:
@@ -41,17 +42,35 @@ def _num_local_experts(model) -> int:
     return 1
 
 
-def global_name(name: str, num_local_experts: int) -> str:
-    """``...local_experts.<local>.`` -> ``...local_experts.<global>.`` for this EP rank,
-    without the ``module.`` prefixes that DDP/Float16Module wrapping adds."""
+def _layer_offset(model) -> int:
+    """Global index of this pipeline stage's first transformer layer."""
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    for module in model.modules():
+        if isinstance(module, TransformerLayer):
+            return module.layer_number - 1
+    return 0
+
+
+def global_name(name: str, num_local_experts: int, layer_offset: int = 0) -> str:
+    """The name a parameter has in the world-size-1 model.
+
+    ``local_experts.<local>`` becomes the global expert index for this EP rank,
+    ``layers.<local>`` the global layer index for this PP stage, and the
+    ``module.`` prefixes that DDP/Float16Module wrapping adds are dropped.
+    """
     while name.startswith("module."):
         name = name[len("module."):]
     ep_rank = parallel_state.get_expert_model_parallel_rank()
 
-    def to_global(match):
+    def to_global_expert(match):
         return f"local_experts.{ep_rank * num_local_experts + int(match.group(1))}."
 
-    return _LOCAL_EXPERT.sub(to_global, name)
+    def to_global_layer(match):
+        return f"layers.{layer_offset + int(match.group(1))}."
+
+    name = _LOCAL_EXPERT.sub(to_global_expert, name)
+    return _LAYER.sub(to_global_layer, name)
 
 
 def _tp_chunks(full: torch.Tensor, param, world: int):
@@ -119,7 +138,7 @@ def full_tensors(model, grads: bool = False) -> dict[str, torch.Tensor]:
 
     Gradients are read from ``main_grad`` when megatron DDP wraps the model.
     """
-    nle = _num_local_experts(model)
+    nle, offset = _num_local_experts(model), _layer_offset(model)
     out = {}
     for name, param in model.named_parameters():
         if grads:
@@ -129,16 +148,16 @@ def full_tensors(model, grads: bool = False) -> dict[str, torch.Tensor]:
                 tensor = torch.zeros_like(param)
         else:
             tensor = param.detach()
-        out[global_name(name, nle)] = unshard_tensor(tensor.detach().clone(), param)
+        out[global_name(name, nle, offset)] = unshard_tensor(tensor.detach().clone(), param)
     return _gather_experts_by_name(out)
 
 
 @torch.no_grad()
 def load_full_tensors(model, full: dict[str, torch.Tensor]) -> None:
     """Copy each full tensor's slice for this rank into the sharded model."""
-    nle = _num_local_experts(model)
+    nle, offset = _num_local_experts(model), _layer_offset(model)
     for name, param in model.named_parameters():
-        key = global_name(name, nle)
+        key = global_name(name, nle, offset)
         if key not in full:
             raise KeyError(f"reference has no tensor for {key} (local name {name})")
         param.copy_(shard_tensor(full[key], param))

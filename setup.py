@@ -1,0 +1,65 @@
+"""Install ders-megatron: DeRS experts (shared base + light per-expert deltas) for megatron-core MoE.
+
+    pip install -e ".[test,hf,plot]"      # what ./test.sh and ./main.sh set up in .venv
+
+The megatron-core pin is exact on purpose: the plugin relies on internals of 0.19.2
+(see ders_megatron/_version_check.py). torch is pinned to the release tested here.
+"""
+
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).resolve().parent
+
+
+def _version() -> str:
+    # Read without importing: ders_megatron/__init__.py imports megatron-core.
+    init = HERE / "ders_megatron" / "__init__.py"
+    match = re.search(r'^__version__\s*=\s*["\']([^"\']+)["\']', init.read_text(encoding="utf-8"), re.M)
+    return match.group(1) if match else "0.1.0"
+
+
+def _long_description() -> str:
+    readme = HERE / "README.md"
+    return readme.read_text(encoding="utf-8") if readme.is_file() else __doc__
+
+
+setup(
+    name="ders-megatron",
+    version=_version(),
+    description="DeRS MoE experts (shared base weight + light per-expert deltas) as a megatron-core plugin",
+    long_description=_long_description(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["ders_megatron*"]),
+    python_requires=">=3.12",
+    install_requires=[
+        "torch==2.14.1",
+        "megatron-core==0.19.2",
+        "numpy",
+        "safetensors",
+        "tqdm",
+        "psutil",
+        "packaging",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-timeout"],
+        "hf": ["transformers>=5,<6", "tokenizers", "gguf"],
+        "plot": ["matplotlib"],
+        "deepspeed": ["deepspeed==0.19.8"],
+        # GPU only: Transformer Engine builds/loads against CUDA; never installed by ./test.sh.
+        "te": ["transformer-engine[pytorch]"],
+    },
+    entry_points={
+        "console_scripts": [
+            "ders-param-report=ders_megatron.cli:param_report_main",
+            "ders-bench-moe-layer=ders_megatron.cli:bench_moe_layer_main",
+        ],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.12",
+        "Operating System :: POSIX :: Linux",
+    ],
+)
