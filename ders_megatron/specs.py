@@ -55,15 +55,17 @@ def ders_moe_spec(ders, use_te: bool = False):
     The shared expert keeps megatron's builder unless ``ders.shared_expert`` asks
     for extended DeRS, where it becomes the base plus its own delta.
     """
-    from ders_megatron.experts import DeRSExperts, DeRSSharedExpert
+    from ders_megatron.experts import DeRSExperts, DeRSMoELayer
 
     vanilla = vanilla_moe_spec(use_te)
     submodules = vanilla.keywords["submodules"]
     shared = submodules.shared_experts
     if ders.extended_shared_expert:
-        shared = partial(DeRSSharedExpert.build, ders=ders)
+        from ders_megatron.shared_expert import DeRSSharedExpert
+
+        shared = partial(DeRSSharedExpert, ders=ders)
     return partial(
-        MoELayer,
+        DeRSMoELayer,
         submodules=MoESubmodules(
             experts=partial(DeRSExperts, ders=ders, use_te=use_te),
             shared_experts=shared,

@@ -1,0 +1,328 @@
+"""DeRS delta kinds: light per-expert deltas over one shared base weight.
+
+Every expert matrix is ``W_e = W_base + Δ_e`` (paper Eq. 2-4). This module holds
+the Δ_e of all local experts for ONE matrix (fc1 or fc2) and knows nothing of
+ranks: tensor parallelism asks for a ``rows``/``cols`` slice of Δ_e that matches
+its base shard, expert parallelism decides which global experts to build
+(:mod:`ders_megatron.experts` does both).
+
+Kinds (one config dataclass each, validated with errors that name the flag):
+
+* ``lowrank`` (DeRS-LM): Δ_e = s · B_e A_e, rank r, A random (LoRA's
+  kaiming-uniform), B zero, so Δ_e = 0 at step 0; s = α / r if α is given.
+* ``sparse`` (DeRS-SM): trainable values at a fixed random set of positions,
+  density 1 - p; zero-initialised; positions derived from a seed plus
+  (layer, expert, matrix), so checkpoints store the seed, not the indices.
+* ``dense``: a full Δ_e (vanilla upcycling written as base + delta); the
+  reference every light kind is tested against.
+
+Shapes: ``E`` local experts, ``O`` out features, ``I`` in features, ``T`` tokens,
+``R`` rank, ``K`` kept values per matrix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+DELTA_KINDS = ("lowrank", "sparse", "dense")
+
+
+def derive_seed(seed: int, layer: int, expert: int, matrix: str) -> int:
+    """A stable 63-bit seed for one (layer, global expert, matrix): same on every rank."""
+    digest = hashlib.sha256(f"{seed}/{layer}/{expert}/{matrix}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def _as_slice(index: slice | None, size: int) -> tuple[int, int]:
+    start, stop, step = (index or slice(None)).indices(size)
+    if step != 1:
+        raise ValueError("delta slices must be contiguous")
+    return start, stop
+
+
+# --------------------------------------------------------------------------- #
+# Configs
+# --------------------------------------------------------------------------- #
+@dataclass(frozen=True, kw_only=True)
+class LowRankDeltaConfig:
+    """DeRS-LM. ``rank``: --moe-ders-rank; ``alpha``: --moe-ders-alpha (scale α/r)."""
+
+    rank: int = 4
+    alpha: float | None = None
+
+    kind = "lowrank"
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"--moe-ders-rank must be an integer >= 1, got {self.rank!r}")
+        if self.alpha is not None and not self.alpha > 0:
+            raise ValueError(f"--moe-ders-alpha must be > 0, got {self.alpha!r}")
+
+    @property
+    def scale(self) -> float:
+        return 1.0 if self.alpha is None else self.alpha / self.rank
+
+    def build(self, expert_ids, out_features, in_features, *, seed, matrix, dtype=torch.float32):
+        return LowRankDeltas(self, expert_ids, out_features, in_features, seed=seed, matrix=matrix, dtype=dtype)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SparseDeltaConfig:
+    """DeRS-SM. ``drop_rate`` p: --moe-ders-drop-rate (density 1 - p). Positions come from
+    --moe-ders-seed (``DeRSConfig.seed``) plus layer, expert and matrix."""
+
+    drop_rate: float = 0.99
+
+    kind = "sparse"
+
+    def __post_init__(self):
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ValueError(
+                f"--moe-ders-drop-rate must be in [0, 1) (density = 1 - p), got {self.drop_rate!r}"
+            )
+
+    def kept(self, out_features: int, in_features: int) -> int:
+        """Values kept per matrix: round(density · O · I), which must be >= 1."""
+        count = round((1.0 - self.drop_rate) * out_features * in_features)
+        if count < 1:
+            raise ValueError(
+                f"--moe-ders-drop-rate {self.drop_rate} keeps no element of a "
+                f"{out_features}x{in_features} matrix; lower it below "
+                f"{1 - 0.5 / (out_features * in_features):.8f}"
+            )
+        return count
+
+    def build(self, expert_ids, out_features, in_features, *, seed, matrix, dtype=torch.float32):
+        return SparseDeltas(self, expert_ids, out_features, in_features, seed=seed, matrix=matrix, dtype=dtype)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DenseDeltaConfig:
+    """A full Δ per expert: vanilla upcycling as base + delta (the reference)."""
+
+    kind = "dense"
+
+    def build(self, expert_ids, out_features, in_features, *, seed, matrix, dtype=torch.float32):
+        return DenseDeltas(self, expert_ids, out_features, in_features, seed=seed, matrix=matrix, dtype=dtype)
+
+
+def delta_config(kind: str, rank: int = 4, alpha: float | None = None, drop_rate: float = 0.99):
+    """The config for ``--moe-ders KIND`` from the flag values."""
+    if kind == "lowrank":
+        return LowRankDeltaConfig(rank=rank, alpha=alpha)
+    if kind == "sparse":
+        return SparseDeltaConfig(drop_rate=drop_rate)
+    if kind == "dense":
+        return DenseDeltaConfig()
+    raise ValueError(f"--moe-ders must be one of {DELTA_KINDS}, got {kind!r}")
+
+
+# --------------------------------------------------------------------------- #
+# Modules
+# --------------------------------------------------------------------------- #
+class ExpertDeltas(nn.Module):
+    """Δ_e for the experts ``expert_ids`` (global indices) of one [O, I] matrix.
+
+    The one delta API (as PEFT's LoRA layer): :meth:`delta_weight`,
+    :meth:`apply`, :meth:`merge`, :meth:`num_values`, :meth:`index_bytes`.
+    """
+
+    def __init__(self, config, expert_ids, out_features, in_features, *, seed, matrix, dtype):
+        super().__init__()
+        self.config = config
+        self.expert_ids = list(expert_ids)
+        self.out_features = out_features
+        self.in_features = in_features
+        self.matrix = matrix
+        self.seed = seed
+        self.dtype = dtype
+        self.layer = 0
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.expert_ids)
+
+    def expert_seed(self, local_expert: int) -> int:
+        return derive_seed(self.seed, self.layer, self.expert_ids[local_expert], self.matrix)
+
+    def set_layer_number(self, layer: int) -> None:
+        """Positions and random init depend on the global layer: re-derive them."""
+        self.layer = layer
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        raise NotImplementedError
+
+    def delta_weight(self, expert: int, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
+        """Δ_e[rows, cols] as a dense [O', I'] tensor, accumulated in fp32."""
+        raise NotImplementedError
+
+    def apply(self, x: torch.Tensor, expert: int, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
+        """x @ Δ_e[rows, cols]^T for x [T, I'] -> [T, O'], without materializing Δ where avoidable."""
+        return x @ self.delta_weight(expert, rows, cols).to(x.dtype).t()
+
+    @torch.no_grad()
+    def merge(self, base: torch.Tensor, expert: int, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
+        """W_base + Δ_e[rows, cols] in fp32, cast back to the base dtype; refuses non-finite
+        results. ``base`` is the matching [O', I'] slice (e.g. this rank's TP shard)."""
+        merged = base.float() + self.delta_weight(expert, rows, cols).float()
+        if not torch.isfinite(merged).all():
+            raise ValueError(f"merging the {self.matrix} delta of expert {self.expert_ids[expert]} gives non-finite values")
+        return merged.to(base.dtype)
+
+    def num_values(self) -> int:
+        """Trainable/stored values (the paper's "added parameters" of this matrix)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def index_bytes(self) -> int:
+        """Bytes of fixed position metadata stored in a checkpoint (not parameters)."""
+        return 0
+
+
+class LowRankDeltas(ExpertDeltas):
+    def __init__(self, config: LowRankDeltaConfig, expert_ids, out_features, in_features, *, seed, matrix, dtype):
+        super().__init__(config, expert_ids, out_features, in_features, seed=seed, matrix=matrix, dtype=dtype)
+        if config.rank > min(out_features, in_features):
+            raise ValueError(
+                f"--moe-ders-rank {config.rank} exceeds min(out, in) = "
+                f"{min(out_features, in_features)} of the {matrix} matrix [{out_features}, {in_features}]"
+            )
+        self.scale = config.scale
+        E, R = self.num_experts, config.rank
+        self.lora_A = nn.Parameter(torch.empty(E, R, in_features, dtype=dtype))  # [E, R, I]
+        self.lora_B = nn.Parameter(torch.empty(E, out_features, R, dtype=dtype))  # [E, O, R]
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        # LoRA's init: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(I), 1/sqrt(I)); B = 0.
+        bound = 1.0 / math.sqrt(self.in_features)
+        for e in range(self.num_experts):
+            gen = _generator(self.expert_seed(e))
+            a_RI = torch.rand(self.lora_A.shape[1:], generator=gen, dtype=torch.float32) * 2 * bound - bound
+            self.lora_A[e].copy_(a_RI)
+        self.lora_B.zero_()
+
+    def delta_weight(self, expert, rows=None, cols=None):
+        b_OR = self.lora_B[expert, rows or slice(None)].float()
+        a_RI = self.lora_A[expert, :, cols or slice(None)].float()
+        return self.scale * (b_OR @ a_RI)
+
+    def apply(self, x, expert, rows=None, cols=None):
+        a_RI = self.lora_A[expert, :, cols or slice(None)]
+        b_OR = self.lora_B[expert, rows or slice(None)]
+        return (x @ a_RI.t()) @ b_OR.t() * self.scale  # [T, R] then [T, O']
+
+
+class SparseDeltas(ExpertDeltas):
+    """Values at K fixed positions per expert; positions re-derived from the seed."""
+
+    def __init__(self, config: SparseDeltaConfig, expert_ids, out_features, in_features, *, seed, matrix, dtype):
+        super().__init__(config, expert_ids, out_features, in_features, seed=seed, matrix=matrix, dtype=dtype)
+        self.kept = config.kept(out_features, in_features)
+        self.values = nn.Parameter(torch.zeros(self.num_experts, self.kept, dtype=dtype))  # [E, K]
+        # The seed is the checkpointed description of the positions (8 bytes).
+        self.register_buffer("position_seed", torch.tensor(seed, dtype=torch.int64))
+        self._positions: dict[tuple, torch.Tensor] = {}
+        self._slices: dict[tuple, tuple] = {}
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.values.zero_()
+        self._positions.clear()
+        self._slices.clear()
+
+    def _derived_positions(self, expert: int) -> torch.Tensor:
+        """Sorted unique flat positions [K] in [0, O·I) for one local expert."""
+        seed = int(self.position_seed)
+        key = (seed, self.layer, expert)
+        if key not in self._positions:
+            expert_seed = derive_seed(seed, self.layer, self.expert_ids[expert], self.matrix)
+            flat = sample_unique(self.out_features * self.in_features, self.kept, expert_seed)
+            self._positions[key] = flat
+        return self._positions[key]
+
+    def positions(self, expert: int, rows=None, cols=None):
+        """(row, col, value index) of the kept entries inside Δ_e[rows, cols], slice-relative."""
+        r0, r1 = _as_slice(rows, self.out_features)
+        c0, c1 = _as_slice(cols, self.in_features)
+        key = (int(self.position_seed), self.layer, expert, r0, r1, c0, c1)
+        if key not in self._slices:
+            flat = self._derived_positions(expert)
+            row, col = flat // self.in_features, flat % self.in_features
+            inside = (row >= r0) & (row < r1) & (col >= c0) & (col < c1)
+            index = inside.nonzero().squeeze(1)
+            self._slices[key] = (row[index] - r0, col[index] - c0, index)
+        return self._slices[key]
+
+    def delta_weight(self, expert, rows=None, cols=None):
+        row, col, index = self.positions(expert, rows, cols)
+        r0, r1 = _as_slice(rows, self.out_features)
+        c0, c1 = _as_slice(cols, self.in_features)
+        dense = torch.zeros(r1 - r0, c1 - c0, dtype=torch.float32, device=self.values.device)
+        return dense.index_put((row.to(dense.device), col.to(dense.device)), self.values[expert, index].float())
+
+    def apply(self, x, expert, rows=None, cols=None):
+        row, col, index = self.positions(expert, rows, cols)
+        r0, r1 = _as_slice(rows, self.out_features)
+        tokens = x.shape[0]
+        # Gathering costs T·K', a dense product T·O'·I': gather while it is cheaper.
+        if tokens * index.numel() > (r1 - r0) * x.shape[1]:
+            return super().apply(x, expert, rows, cols)
+        device = x.device
+        contrib_TK = x[:, col.to(device)] * self.values[expert, index].to(x.dtype)
+        out_TO = x.new_zeros(tokens, r1 - r0)
+        return out_TO.index_add(1, row.to(device), contrib_TK)
+
+    def index_bytes(self) -> int:
+        return self.position_seed.numel() * 8
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._positions.clear()  # positions follow the loaded seed
+        self._slices.clear()
+
+
+class DenseDeltas(ExpertDeltas):
+    def __init__(self, config, expert_ids, out_features, in_features, *, seed, matrix, dtype):
+        super().__init__(config, expert_ids, out_features, in_features, seed=seed, matrix=matrix, dtype=dtype)
+        self.weight = nn.Parameter(torch.zeros(self.num_experts, out_features, in_features, dtype=dtype))  # [E, O, I]
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.weight.zero_()
+
+    def delta_weight(self, expert, rows=None, cols=None):
+        return self.weight[expert, rows or slice(None), cols or slice(None)].float()
+
+    def apply(self, x, expert, rows=None, cols=None):
+        return x @ self.weight[expert, rows or slice(None), cols or slice(None)].to(x.dtype).t()
+
+
+def sample_unique(n: int, k: int, seed: int) -> torch.Tensor:
+    """k distinct integers from [0, n), uniformly, deterministic in ``seed``; sorted.
+
+    Draws with replacement and keeps first appearances (duplicates are rare for
+    k << n), topping up until k are found: O(k) memory instead of randperm's O(n).
+    """
+    if k > n:
+        raise ValueError(f"cannot keep {k} positions of {n}")
+    rng = np.random.default_rng(seed)
+    if 2 * k > n:
+        return torch.from_numpy(np.sort(rng.permutation(n)[:k])).long()
+    picked = np.empty(0, dtype=np.int64)
+    while picked.size < k:
+        draw = np.concatenate([picked, rng.integers(0, n, size=2 * (k - picked.size) + 16)])
+        _, first = np.unique(draw, return_index=True)
+        picked = draw[np.sort(first)]
+    return torch.from_numpy(np.sort(picked[:k])).long()
