@@ -232,7 +232,7 @@ class SparseDeltas(ExpertDeltas):
         self.kept = config.kept(out_features, in_features)
         self.values = nn.Parameter(torch.zeros(self.num_experts, self.kept, dtype=dtype))  # [E, K]
         # The seed is the checkpointed description of the positions (8 bytes).
-        self.register_buffer("position_seed", torch.tensor(seed, dtype=torch.int64))
+        self.register_buffer("position_seed", torch.tensor([seed], dtype=torch.int64))
         self._positions: dict[tuple, torch.Tensor] = {}
         self._slices: dict[tuple, tuple] = {}
 

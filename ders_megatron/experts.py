@@ -20,9 +20,15 @@ from dataclasses import dataclass, field
 from typing import Union
 
 import torch
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.models.backends import LocalSpecProvider
+from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.utils import (
+    ensure_metadata_has_dp_cp_group,
+    make_sharded_tensors_for_checkpoint,
+)
 
 from ders_megatron.deltas import (
     DenseDeltaConfig,
@@ -90,6 +96,7 @@ class DeRSExperts(MegatronModule):
         self.num_local_experts = num_local_experts
         self.placement = ExpertPlacement.from_groups(pg_collection, config)
         self.ep_group = pg_collection.ep
+        self.tp_group = pg_collection.tp
         self.expt_dp_group = pg_collection.expt_dp
         first = self.placement.ep_rank * num_local_experts
         self.expert_ids = list(range(first, first + num_local_experts))
@@ -240,6 +247,69 @@ class DeRSExperts(MegatronModule):
 
     def backward_dw(self) -> None:
         """Delayed weight-gradient hook of the experts contract: nothing is delayed here."""
+
+    # ------------------------------------------------------------ checkpoint
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """dist_checkpointing layout, independent of TP/EP so checkpoints reshard.
+
+        * base ``linear_fc1/2``: a dense TP layer (axis 0 / 1 over TP = expert-TP,
+          gated fc1 through megatron's swiglu factory, ``transformer/mlp.py:425``),
+          replicated over data parallel with EP ranks; unsharded with ETP = 1.
+        * deltas ``deltas.<matrix>.<param>``: a global experts axis in front
+          (from this EP rank's offset, as ``SequentialMLP.sharded_state_dict``,
+          ``transformer/moe/experts.py:1377``), replicated over expert-TP and
+          expert-DP; the sparse position seed is replicated everywhere.
+        """
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        dp_cp_group = metadata["dp_cp_group"]
+        sharded = {}
+        sharded.update(self._base_sharded_state_dict(prefix, sharded_offsets, metadata))
+        p = self.placement
+        for matrix, deltas in self.deltas.items():
+            for name, tensor in deltas.state_dict(prefix="", keep_vars=True).items():
+                key = f"{prefix}deltas.{matrix}.{name}"
+                if name in dict(deltas.named_buffers()):
+                    sharded.update(
+                        make_sharded_tensors_for_checkpoint(
+                            {name: tensor}, f"{prefix}deltas.{matrix}.", {}, sharded_offsets,
+                            tp_group=self.tp_group, dp_cp_group=dp_cp_group,
+                        )
+                    )
+                    continue
+                sharded[key] = ShardedTensor.from_rank_offsets(
+                    key,
+                    tensor,
+                    *sharded_offsets,
+                    (len(sharded_offsets), p.ep_rank, p.ep_size),
+                    replica_id=(0, p.etp_rank, self.expt_dp_group.rank()),
+                    prepend_axis_num=len(sharded_offsets),
+                )
+        return sharded
+
+    def _base_sharded_state_dict(self, prefix, sharded_offsets, metadata):
+        sharded = {}
+        singleton = metadata.get("singleton_local_shards", False)
+        for name, linear, axis in (("linear_fc1", self.linear_fc1, 0), ("linear_fc2", self.linear_fc2, 1)):
+            axis_map = {}
+            if self.placement.base_sharded:
+                axis_map = {"weight": axis} if name == "linear_fc2" else {"weight": 0, "bias": 0}
+            sub = make_sharded_tensors_for_checkpoint(
+                linear.state_dict(prefix="", keep_vars=True),
+                f"{prefix}{name}.",
+                axis_map,
+                sharded_offsets,
+                tp_group=self.tp_group,
+                dp_cp_group=metadata["dp_cp_group"],
+            )
+            if name == "linear_fc1" and self.config.gated_linear_unit and self.placement.base_sharded:
+                for key in (f"{prefix}{name}.weight", f"{prefix}{name}.bias"):
+                    if key in sub:
+                        sub[key] = apply_swiglu_sharded_factory(
+                            sub[key], sharded_offsets, singleton,
+                            tp_group=self.tp_group, dp_group=metadata["dp_cp_group"],
+                        )
+            sharded.update(sub)
+        return sharded
 
     # ------------------------------------------------------------- reference
     @torch.no_grad()

@@ -97,6 +97,10 @@ def mark_base(params, placement: ExpertPlacement) -> None:
     """The shared base is a dense (data-parallel) parameter, sharded like TP layers."""
     for param in params:
         param.allreduce = True
+        if not placement.base_sharded:
+            # Whole on every TP rank: not a TP shard (grad-norm dedup counts it once,
+            # tensor_parallel/layers.py:101), whatever the expert linear set.
+            param.tensor_model_parallel = False
         if placement.base_needs_tp_sum:
             param.sequence_parallel = True
 

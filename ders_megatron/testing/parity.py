@@ -33,12 +33,23 @@ def wrap_ddp(model, config, distributed_optimizer: bool = False):
     return DistributedDataParallel(config, ddp_config, module=model)
 
 
-def loss_and_grads(config_overrides: dict, ders=None, reference: dict | None = None, seed=0):
+@torch.no_grad()
+def perturb_deltas(model, scale: float, seed: int = 0) -> None:
+    """Non-zero DeRS deltas (LoRA B starts at zero, which would hide A's gradient)."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if ".deltas." in name:
+            param.copy_(torch.randn(param.shape, generator=gen) * scale)
+
+
+def loss_and_grads(config_overrides: dict, ders=None, reference: dict | None = None, seed=0, perturb=0.0):
     """One forward/backward through DDP + finalize_model_grads; full params and grads back."""
     config = tiny_config(**config_overrides)
     model = build_gpt(config, ders=ders)
     if reference is not None:
         load_full_tensors(model, reference)
+    elif perturb:
+        perturb_deltas(model, perturb)
     ddp = wrap_ddp(model, config)
     ddp.zero_grad_buffer()
     loss = lm_loss(ddp, tiny_batch(seed=seed))
@@ -53,11 +64,11 @@ def assert_grads_close(grads: dict, ref_grads: dict, atol=ATOL, rtol=RTOL) -> No
         torch.testing.assert_close(grads[name], ref, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
 
 
-def gpt_parity(layouts: list[dict], config_overrides: dict | None = None, ders=None) -> list[float]:
+def gpt_parity(layouts: list[dict], config_overrides: dict | None = None, ders=None, perturb=0.0) -> list[float]:
     """Compare loss and all gradients of each layout with world size 1; return the losses."""
     config_overrides = config_overrides or {}
     with model_parallel():
-        ref_loss, ref_params, ref_grads = loss_and_grads(config_overrides, ders)
+        ref_loss, ref_params, ref_grads = loss_and_grads(config_overrides, ders, perturb=perturb)
     dead = [name for name, grad in ref_grads.items() if not grad.abs().sum() > 0]
     assert not dead, f"reference gradients are zero for {dead}: the comparison would be vacuous"
     losses = [ref_loss.item()]

@@ -160,4 +160,7 @@ def load_full_tensors(model, full: dict[str, torch.Tensor]) -> None:
         key = global_name(name, nle, offset)
         if key not in full:
             raise KeyError(f"reference has no tensor for {key} (local name {name})")
-        param.copy_(shard_tensor(full[key], param))
+        local = shard_tensor(full[key], param)
+        if local.shape != param.shape:
+            raise ValueError(f"{key}: reference slice {tuple(local.shape)} != parameter {tuple(param.shape)}")
+        param.copy_(local)
