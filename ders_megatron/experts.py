@@ -338,6 +338,11 @@ class DeRSMoELayer(MoELayer):
     it to the router only.
     """
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if hasattr(self.shared_experts, "attach_base"):
+            self.shared_experts.attach_base(self.experts)  # extended DeRS shares the base
+
     def set_layer_number(self, layer_number: int):
         super().set_layer_number(layer_number)
         for module in (self.experts, self.shared_experts):

@@ -19,16 +19,16 @@ KINDS = {
 ATOL, RTOL = 1e-5, 1e-4
 
 
-def reference_equivalence(kind, overrides, dispatcher):
+def reference_equivalence(kind, overrides, dispatcher, extended_shared=False):
     from ders_megatron.testing.distributed import model_parallel
     from ders_megatron.testing.models import tiny_config
     from ders_megatron.testing.reference import (
-        build_moe_layers, expected_delta_grads, load_synthesized, randomize_deltas,
+        build_moe_layers, expected_grads, load_synthesized, randomize_deltas,
     )
 
     with model_parallel():
         config = tiny_config(moe_token_dispatcher_type=dispatcher, **overrides)
-        ders_layer, vanilla = build_moe_layers(config, DeRSConfig(delta=KINDS[kind]))
+        ders_layer, vanilla = build_moe_layers(config, DeRSConfig(delta=KINDS[kind], extended_shared_expert=extended_shared))
         randomize_deltas(ders_layer)
         load_synthesized(ders_layer, vanilla)
         x = torch.randn(8, 2, config.hidden_size, generator=torch.Generator().manual_seed(0))
@@ -44,8 +44,8 @@ def reference_equivalence(kind, overrides, dispatcher):
         torch.testing.assert_close(input_grads[0], input_grads[1], atol=ATOL, rtol=RTOL)
         for name, param in vanilla.router.named_parameters():
             torch.testing.assert_close(ders_layer.router.get_parameter(name).grad, param.grad, atol=ATOL, rtol=RTOL)
-        expected = expected_delta_grads(ders_layer, vanilla)
-        got = {n: p.grad for n, p in ders_layer.experts.named_parameters()}
+        expected = expected_grads(ders_layer, vanilla)
+        got = {n: p.grad for n, p in ders_layer.named_parameters() if not n.startswith("router.")}
         assert got.keys() == expected.keys()
         for name, grad in expected.items():
             assert grad.abs().sum() > 0, f"vacuous: zero reference gradient for {name}"
@@ -68,3 +68,10 @@ def test_dropin_equals_synthesized_sequential_mlp(dist1, kind, overrides):
 
 def test_dropin_equals_reference_under_allgather(dist1):
     dist1.run(reference_equivalence, "lowrank", {}, "allgather")
+
+
+@pytest.mark.parametrize("extended", [False, True], ids=["megatron-shared", "extended-ders"])
+@pytest.mark.parametrize("gate", [False, True], ids=["no-gate", "gate"])
+def test_shared_expert_beside_dropin_experts(dist1, extended, gate):
+    overrides = dict(moe_shared_expert_intermediate_size=64, moe_shared_expert_gate=gate)
+    dist1.run(reference_equivalence, "lowrank", overrides, "alltoall", extended)

@@ -46,6 +46,8 @@ def tiny_config(**overrides) -> TransformerConfig:
         sequence_parallel=tp > 1,
     )
     defaults.update(overrides)
+    if defaults["num_moe_experts"] is None:  # the dense model: no MoE settings allowed
+        defaults = {k: v for k, v in defaults.items() if not k.startswith("moe_")}
     return TransformerConfig(**defaults)
 
 

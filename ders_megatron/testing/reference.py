@@ -40,14 +40,15 @@ def _clone_output(module, inputs, outputs):
 def randomize_deltas(ders_layer, scale: float = 0.05, seed: int = 0) -> None:
     """Non-zero deltas (and base biases) so the comparison exercises every term."""
     gen = torch.Generator().manual_seed(seed)
-    for name, param in ders_layer.experts.named_parameters():
-        if name.startswith("deltas.") or name.endswith("bias"):
+    for name, param in ders_layer.named_parameters():
+        if ".deltas." in f".{name}" or name.startswith("experts.") and name.endswith("bias"):
             param.copy_(torch.randn(param.shape, generator=gen) * scale)
 
 
 @torch.no_grad()
 def load_synthesized(ders_layer, vanilla) -> None:
-    """Each SequentialMLP expert gets W_base + Δ_e (and the shared base bias)."""
+    """Each SequentialMLP expert gets W_base + Δ_e (and the shared base bias); the shared
+    expert gets W_base + Δ_shared (extended DeRS) or a copy of megatron's own."""
     experts = ders_layer.experts
     for e, mlp in enumerate(vanilla.experts.local_experts):
         for key, weight in experts.synthesized_weights(e).items():
@@ -56,6 +57,16 @@ def load_synthesized(ders_layer, vanilla) -> None:
             bias = getattr(experts.get_submodule(linear), "bias", None)
             if bias is not None:
                 mlp.get_submodule(linear).bias.copy_(bias)
+    shared = ders_layer.shared_experts
+    if shared is None:
+        return
+    if hasattr(shared, "synthesized_weights"):
+        for key, weight in shared.synthesized_weights().items():
+            vanilla.shared_experts.get_parameter(key).copy_(weight)
+        if shared.gate_weight is not None:
+            vanilla.shared_experts.gate_weight.copy_(shared.gate_weight)
+    else:
+        vanilla.shared_experts.load_state_dict(shared.state_dict())
 
 
 def _fc1_grads(mlp, gated: bool) -> dict[str, torch.Tensor]:
@@ -66,25 +77,38 @@ def _fc1_grads(mlp, gated: bool) -> dict[str, torch.Tensor]:
     return {"fc1": grad}
 
 
-def expected_delta_grads(ders_layer, vanilla) -> dict[str, torch.Tensor]:
-    """Gradients the DeRS experts' parameters must have, from the reference's dL/dW_e."""
+def _weight_grads(mlp, gated: bool) -> dict[str, torch.Tensor]:
+    return {**_fc1_grads(mlp, gated), "fc2": mlp.linear_fc2.weight.grad}
+
+
+def expected_grads(ders_layer, vanilla) -> dict[str, torch.Tensor]:
+    """Gradients every non-router parameter of the DeRS MoE layer must have, by name,
+    from the reference's dL/dW (chain rule through W = W_base + Δ)."""
     experts = ders_layer.experts
     gated = experts.config.gated_linear_unit
-    per_expert = [
-        {**_fc1_grads(mlp, gated), "fc2": mlp.linear_fc2.weight.grad}
-        for mlp in vanilla.experts.local_experts
-    ]
-    expected = {
-        "linear_fc1.weight": sum(mlp.linear_fc1.weight.grad for mlp in vanilla.experts.local_experts),
-        "linear_fc2.weight": sum(mlp.linear_fc2.weight.grad for mlp in vanilla.experts.local_experts),
-    }
+    mlps = list(vanilla.experts.local_experts)
+    base_users = list(mlps)
+    expected = {}
+    shared = ders_layer.shared_experts
+    if shared is not None and hasattr(shared, "synthesized_weights"):
+        base_users.append(vanilla.shared_experts)  # extended DeRS: the shared expert uses the base
+        for matrix, deltas in shared.deltas.items():
+            grad = _weight_grads(vanilla.shared_experts, gated)[matrix].unsqueeze(0)
+            expected.update(_pull_back(deltas, grad, f"shared_experts.deltas.{matrix}"))
+        if shared.gate_weight is not None:
+            expected["shared_experts.gate_weight"] = vanilla.shared_experts.gate_weight.grad
+    elif shared is not None:
+        for name, param in vanilla.shared_experts.named_parameters():
+            expected[f"shared_experts.{name}"] = param.grad
     for linear in ("linear_fc1", "linear_fc2"):
-        biases = [getattr(mlp.get_submodule(linear), "bias", None) for mlp in vanilla.experts.local_experts]
+        expected[f"experts.{linear}.weight"] = sum(m.get_submodule(linear).weight.grad for m in base_users)
+        biases = [getattr(m.get_submodule(linear), "bias", None) for m in mlps]
         if biases[0] is not None:
-            expected[f"{linear}.bias"] = sum(b.grad for b in biases)
+            expected[f"experts.{linear}.bias"] = sum(b.grad for b in biases)
+    per_expert = [_weight_grads(mlp, gated) for mlp in mlps]
     for matrix, deltas in experts.deltas.items():
         grad_EOI = torch.stack([g[matrix] for g in per_expert])
-        expected.update(_pull_back(deltas, grad_EOI, f"deltas.{matrix}"))
+        expected.update(_pull_back(deltas, grad_EOI, f"experts.deltas.{matrix}"))
     return expected
 
 

@@ -1,0 +1,118 @@
+"""Delta kinds as plain modules: init, slices, merge, positions, validation errors."""
+
+import pytest
+import torch
+
+from ders_megatron.deltas import (
+    DenseDeltaConfig,
+    LowRankDeltaConfig,
+    SparseDeltaConfig,
+    delta_config,
+    sample_unique,
+)
+
+CONFIGS = [LowRankDeltaConfig(rank=3, alpha=6.0), SparseDeltaConfig(drop_rate=0.7), DenseDeltaConfig()]
+
+
+def build(config, experts=(0, 1, 2), out=12, inp=10, seed=5, matrix="fc1"):
+    return config.build(list(experts), out, inp, seed=seed, matrix=matrix)
+
+
+def randomized(deltas, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in deltas.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    return deltas
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.kind)
+def test_zero_at_init(config):
+    deltas = build(config)
+    for e in range(3):
+        assert torch.count_nonzero(deltas.delta_weight(e)) == 0
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.kind)
+@pytest.mark.parametrize("rows,cols", [(None, None), (slice(4, 10), None), (None, slice(2, 7)), (slice(0, 6), slice(5, 10))])
+def test_apply_equals_product_with_delta_weight_slice(config, rows, cols):
+    deltas = randomized(build(config))
+    full = deltas.delta_weight(1)
+    x = torch.randn(7, full[:, cols or slice(None)].shape[1], dtype=torch.float64).float()
+    expected = x @ full[rows or slice(None), cols or slice(None)].t()
+    # float32 sums of at most 10 products of O(1) terms: a few ulps.
+    torch.testing.assert_close(deltas.apply(x, 1, rows, cols), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(deltas.delta_weight(1, rows, cols), full[rows or slice(None), cols or slice(None)])
+
+
+def test_lowrank_delta_is_scaled_product():
+    deltas = randomized(build(LowRankDeltaConfig(rank=2, alpha=8.0)))
+    expected = 4.0 * deltas.lora_B[0] @ deltas.lora_A[0]
+    torch.testing.assert_close(deltas.delta_weight(0), expected)
+    assert deltas.num_values() == 3 * 2 * (12 + 10)
+
+
+def test_sparse_positions_unique_seeded_and_distinct_per_expert_layer_matrix():
+    config = SparseDeltaConfig(drop_rate=0.5)
+    a, b = build(config), build(config)
+    assert a.kept == 60
+    for e in range(3):
+        row, col, _ = a.positions(e)
+        flat = row * 10 + col
+        assert flat.unique().numel() == 60  # unique positions
+        assert torch.equal(flat, (b.positions(e)[0] * 10 + b.positions(e)[1]))  # deterministic
+    assert not torch.equal(a.positions(0)[0], a.positions(1)[0])  # experts differ
+    other_matrix = build(config, matrix="fc2")
+    assert not torch.equal(a.positions(0)[1], other_matrix.positions(0)[1])
+    a.set_layer_number(3)
+    assert not torch.equal(a.positions(0)[1], b.positions(0)[1])  # layers differ
+    assert a.index_bytes() == 8  # a seed, not an index vector
+
+
+def test_sparse_positions_follow_loaded_seed():
+    a = build(SparseDeltaConfig(drop_rate=0.5), seed=1)
+    b = build(SparseDeltaConfig(drop_rate=0.5), seed=2)
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a.positions(2)[1], b.positions(2)[1])
+
+
+def test_sparse_gather_path_equals_dense_path():
+    deltas = randomized(build(SparseDeltaConfig(drop_rate=0.95), out=40, inp=30))
+    x = torch.randn(3, 30)  # 3 tokens x 60 kept < 40 x 30: the gather path
+    dense = x @ deltas.delta_weight(0).t()
+    torch.testing.assert_close(deltas.apply(x, 0), dense, atol=1e-5, rtol=1e-5)
+
+
+def test_sample_unique_is_uniform_enough_and_exact():
+    picked = sample_unique(1000, 300, seed=3)
+    assert picked.numel() == 300 and picked.unique().numel() == 300
+    assert picked.min() >= 0 and picked.max() < 1000
+    # Mean of a uniform sample of 300 from [0, 1000): 499.5 with std ~ 16.7.
+    assert abs(picked.float().mean().item() - 499.5) < 5 * 16.7
+    assert torch.equal(sample_unique(1000, 300, seed=3), picked)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.kind)
+def test_merge_is_fp32_sum_and_rejects_non_finite(config):
+    deltas = randomized(build(config))
+    base = torch.randn(12, 10)
+    torch.testing.assert_close(deltas.merge(base, 2), base + deltas.delta_weight(2))
+    with pytest.raises(ValueError, match="non-finite"):
+        deltas.merge(torch.full((12, 10), float("inf")), 0)
+
+
+@pytest.mark.parametrize(
+    "make,flag",
+    [
+        (lambda: LowRankDeltaConfig(rank=0), "--moe-ders-rank"),
+        (lambda: LowRankDeltaConfig(rank=2, alpha=-1.0), "--moe-ders-alpha"),
+        (lambda: build(LowRankDeltaConfig(rank=11)), "--moe-ders-rank 11 exceeds"),
+        (lambda: SparseDeltaConfig(drop_rate=1.0), "--moe-ders-drop-rate"),
+        (lambda: SparseDeltaConfig(drop_rate=-0.1), "--moe-ders-drop-rate"),
+        (lambda: build(SparseDeltaConfig(drop_rate=0.999)), "keeps no element"),
+        (lambda: delta_config("quantum"), "--moe-ders must be one of"),
+    ],
+)
+def test_invalid_settings_name_the_flag(make, flag):
+    with pytest.raises(ValueError, match=flag):
+        make()
