@@ -159,7 +159,11 @@ def ensure_process_group() -> None:
 
 
 def load_full_tensors(root, keys: list[str]) -> dict[str, torch.Tensor]:
-    """Whole (unsharded) tensors for a few keys: streaming tools read a layer at a time.
+    """Whole (unsharded) tensors for a few keys: streaming tools read key by key.
+
+    A layer-stacked key comes whole (all layers of that one parameter): a
+    partial read of one layer trips torch.distributed.checkpoint's shard
+    metadata check in a single process, so a key is the unit of streaming.
 
     Works in a single process (a 1-rank gloo group is created if none exists).
     """
@@ -203,29 +207,3 @@ def atomic_output_dir(path, force: bool = False):
     else:
         os.replace(tmp, path)
 
-
-def load_layer_tensors(root, keys: list[str], layer: int) -> dict[str, torch.Tensor]:
-    """One layer's slice of layer-stacked keys (``[num_layers, ...]`` -> ``[...]``).
-
-    Streaming conversions read one layer at a time, so memory stays near the
-    largest few tensors whatever the checkpoint size.
-    """
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
-    ensure_process_group()
-    shapes = tensor_shapes(root)
-    request = {}
-    for key in keys:
-        if key not in shapes:
-            raise CheckpointError(f"{root} has no tensor {key}")
-        global_shape, dtype = shapes[key]
-        request[key] = ShardedTensor.from_rank_offsets(
-            key,
-            torch.empty(tuple(global_shape[1:]), dtype=dtype),
-            (0, layer, global_shape[0]),
-            replica_id=0,
-            prepend_axis_num=1,
-        )
-    # A partial read on purpose: the whole-coverage check does not apply.
-    return dist_checkpointing.load(request, str(latest_dir(root)), validate_access_integrity=False)
