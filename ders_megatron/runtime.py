@@ -47,6 +47,18 @@ def require_device_runtime() -> None:
         raise CpuRuntimeError(CPU_MODE_HINT)
 
 
+def select_runtime(cpu: bool) -> torch.device:
+    """What every entry point calls with its ``--cpu`` flag.
+
+    ``cpu=True`` switches the CPU runtime on (a no-op with CUDA present); without
+    it, a CPU-only machine stops here with the fix instead of failing deep
+    inside megatron-core.
+    """
+    if cpu:
+        enable_cpu_runtime()
+    return default_device()
+
+
 def default_device() -> torch.device:
     """The device models and batches live on: CUDA when present, else CPU."""
     if torch.cuda.is_available():
