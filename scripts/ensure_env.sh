@@ -19,7 +19,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
 VENV="$ROOT/.venv"
 VPY="$VENV/bin/python"
 STAMP="$VENV/.ders-stamp"
-EXTRAS="test,hf,plot"
+EXTRAS="test,hf,plot,deepspeed"
 cd "$ROOT"   # so pyenv honours the repo's .python-version
 
 log() { printf 'ensure_env: %s\n' "$*" >&2; }
