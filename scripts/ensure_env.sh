@@ -4,7 +4,7 @@
 #   bash scripts/ensure_env.sh        # or: source scripts/ensure_env.sh
 #
 # Works from any cwd. Re-installs only when setup.py changed since the last successful install
-# (sha256 of setup.py kept in .venv/.ders-stamp), so an up-to-date run is quick and silent.
+# (sha256 of setup.py and the extras, kept in .venv/.ders-stamp), so an up-to-date run is quick and silent.
 # Exports nothing: callers run "<repo>/.venv/bin/python" themselves.
 
 # Sourced: do the work in a child bash so that `set -e` / `exit` never touch the caller's shell.
@@ -84,7 +84,7 @@ MSG
 fi
 
 # 2) install the project when setup.py changed since the last successful install.
-want="$(file_sha256 "$ROOT/setup.py")"
+want="$(file_sha256 "$ROOT/setup.py") extras=$EXTRAS"
 have="$(cat "$STAMP" 2>/dev/null || true)"
 if [[ "$want" != "$have" ]]; then
     log "installing -e \".[$EXTRAS]\" into $VENV (first run downloads torch; this can take a while)"
