@@ -134,7 +134,7 @@ class ExpertDeltas(nn.Module):
     """Δ_e for the experts ``expert_ids`` (global indices) of one [O, I] matrix.
 
     The one delta API (as PEFT's LoRA layer): :meth:`delta_weight`,
-    :meth:`apply`, :meth:`merge`, :meth:`num_values`, :meth:`index_bytes`.
+    :meth:`apply_delta`, :meth:`merge`, :meth:`num_values`, :meth:`index_bytes`.
     """
 
     def __init__(self, config, expert_ids, out_features, in_features, *, seed, matrix, dtype):
@@ -167,7 +167,7 @@ class ExpertDeltas(nn.Module):
         """Δ_e[rows, cols] as a dense [O', I'] tensor, accumulated in fp32."""
         raise NotImplementedError
 
-    def apply(self, x: torch.Tensor, expert: int, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
+    def apply_delta(self, x: torch.Tensor, expert: int, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
         """x @ Δ_e[rows, cols]^T for x [T, I'] -> [T, O'], without materializing Δ where avoidable."""
         return x @ self.delta_weight(expert, rows, cols).to(x.dtype).t()
 
@@ -218,7 +218,7 @@ class LowRankDeltas(ExpertDeltas):
         a_RI = self.lora_A[expert, :, cols or slice(None)].float()
         return self.scale * (b_OR @ a_RI)
 
-    def apply(self, x, expert, rows=None, cols=None):
+    def apply_delta(self, x, expert, rows=None, cols=None):
         a_RI = self.lora_A[expert, :, cols or slice(None)]
         b_OR = self.lora_B[expert, rows or slice(None)]
         return (x @ a_RI.t()) @ b_OR.t() * self.scale  # [T, R] then [T, O']
@@ -272,13 +272,13 @@ class SparseDeltas(ExpertDeltas):
         dense = torch.zeros(r1 - r0, c1 - c0, dtype=torch.float32, device=self.values.device)
         return dense.index_put((row.to(dense.device), col.to(dense.device)), self.values[expert, index].float())
 
-    def apply(self, x, expert, rows=None, cols=None):
+    def apply_delta(self, x, expert, rows=None, cols=None):
         row, col, index = self.positions(expert, rows, cols)
         r0, r1 = _as_slice(rows, self.out_features)
         tokens = x.shape[0]
         # Gathering costs T·K', a dense product T·O'·I': gather while it is cheaper.
         if tokens * index.numel() > (r1 - r0) * x.shape[1]:
-            return super().apply(x, expert, rows, cols)
+            return super().apply_delta(x, expert, rows, cols)
         device = x.device
         contrib_TK = x[:, col.to(device)] * self.values[expert, index].to(x.dtype)
         out_TO = x.new_zeros(tokens, r1 - r0)
@@ -305,7 +305,7 @@ class DenseDeltas(ExpertDeltas):
     def delta_weight(self, expert, rows=None, cols=None):
         return self.weight[expert, rows or slice(None), cols or slice(None)].float()
 
-    def apply(self, x, expert, rows=None, cols=None):
+    def apply_delta(self, x, expert, rows=None, cols=None):
         return x @ self.weight[expert, rows or slice(None), cols or slice(None)].to(x.dtype).t()
 
 
@@ -326,3 +326,193 @@ def sample_unique(n: int, k: int, seed: int) -> torch.Tensor:
         _, first = np.unique(draw, return_index=True)
         picked = draw[np.sort(first)]
     return torch.from_numpy(np.sort(picked[:k])).long()
+
+
+# =========================================================================== #
+# Compressed delta kinds (DeRS compression of trained experts)
+#
+# Built by ders_megatron.compress from trained deltas; the same API, so
+# DeRSExperts runs them for inference and keeps training the float parts.
+# Fixed parts (quantized codes, explicit indices) are parameters with
+# requires_grad=False so DeRSExperts shards them over EP like the trainable
+# ones (its sharded_state_dict replicates buffers); megatron's DDP and
+# optimizer skip them (distributed_data_parallel.py:115, optimizer/__init__.py:330).
+# =========================================================================== #
+QUANT_BITS = (1, 2, 3, 4, 8)
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes [..., N] < 2**bits into uint8 [..., ceil(N*bits/8)], little-endian."""
+    shift = torch.arange(bits, dtype=torch.int32)
+    stream = ((codes.to(torch.int32).unsqueeze(-1) >> shift) & 1).flatten(-2)  # [..., N*bits]
+    pad = (-stream.shape[-1]) % 8
+    stream = torch.nn.functional.pad(stream, (0, pad)).unflatten(-1, (-1, 8))
+    return (stream << torch.arange(8, dtype=torch.int32)).sum(-1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: int32 codes [..., count]."""
+    stream = ((packed.to(torch.int32).unsqueeze(-1) >> torch.arange(8, dtype=torch.int32)) & 1).flatten(-2)
+    stream = stream[..., : count * bits].unflatten(-1, (count, bits))
+    return (stream << torch.arange(bits, dtype=torch.int32)).sum(-1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantDeltaConfig:
+    """k-bit group-wise quantized deltas (``quant:K``), packed into bytes.
+
+    Groups are ``group_size`` consecutive elements of a row (capped at the row
+    length, which it must divide). k = 1 is BitDelta: sign times a per-group
+    scale (the mean |Δ|). k >= 2: ``lo + q * step`` with q in [0, 2**k - 1]
+    (asymmetric min/max), error <= step / 2.
+    """
+
+    bits: int = 4
+    group_size: int = 128
+
+    kind = "quant"
+
+    def __post_init__(self):
+        if self.bits not in QUANT_BITS:
+            raise ValueError(f"quant:K needs K in {QUANT_BITS}, got {self.bits!r}")
+        if not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ValueError(f"--quant-group-size must be an integer >= 1, got {self.group_size!r}")
+
+    def group(self, in_features: int, matrix: str = "") -> int:
+        group = min(self.group_size, in_features)
+        if in_features % group:
+            raise ValueError(
+                f"--quant-group-size {self.group_size} must divide the {matrix} matrix's "
+                f"{in_features} input features"
+            )
+        return group
+
+    def build(self, expert_ids, out_features, in_features, *, seed, matrix, dtype=torch.float32):
+        return QuantDeltas(self, expert_ids, out_features, in_features, seed=seed, matrix=matrix, dtype=dtype)
+
+
+class QuantDeltas(ExpertDeltas):
+    """Packed k-bit codes [E, O, ceil(I*k/8)] uint8 (fixed) + per-group float32 scales
+    [E, O, I/G] (trainable) and, for k >= 2, offsets ``lo`` [E, O, I/G] (trainable)."""
+
+    def __init__(self, config: QuantDeltaConfig, expert_ids, out_features, in_features, *, seed, matrix, dtype):
+        super().__init__(config, expert_ids, out_features, in_features, seed=seed, matrix=matrix, dtype=dtype)
+        self.bits = config.bits
+        self.group = config.group(in_features, matrix)
+        E, groups = self.num_experts, in_features // self.group
+        row_bytes = (in_features * self.bits + 7) // 8
+        self.codes = nn.Parameter(torch.zeros(E, out_features, row_bytes, dtype=torch.uint8), requires_grad=False)
+        self.scales = nn.Parameter(torch.zeros(E, out_features, groups, dtype=torch.float32))
+        if self.bits > 1:
+            self.offsets = nn.Parameter(torch.zeros(E, out_features, groups, dtype=torch.float32))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for param in self.parameters():
+            param.zero_()
+
+    def delta_weight(self, expert, rows=None, cols=None):
+        rows = rows or slice(None)
+        q_OI = unpack_bits(self.codes[expert, rows], self.bits, self.in_features).float()
+        q_OGS = q_OI.unflatten(-1, (-1, self.group))  # [O', groups, G]
+        scale = self.scales[expert, rows].float().unsqueeze(-1)
+        if self.bits == 1:
+            dense = (2.0 * q_OGS - 1.0) * scale  # sign * scale (BitDelta)
+        else:
+            dense = self.offsets[expert, rows].float().unsqueeze(-1) + q_OGS * scale
+        return dense.flatten(-2)[:, cols or slice(None)]
+
+    def num_values(self) -> int:
+        """Stored scalars: one k-bit code per element plus the group scales/offsets."""
+        codes = self.num_experts * self.out_features * self.in_features
+        return codes + sum(p.numel() for p in self.parameters() if p.dtype.is_floating_point)
+
+
+@dataclass(frozen=True, kw_only=True)
+class IndexedSparseDeltaConfig:
+    """Sparse deltas at explicit positions (``magnitude:P``: the largest 1-P of |Δ|),
+    stored as int32 flat indices (int64 past 2**31 - 1 elements) beside the values."""
+
+    drop_rate: float = 0.9
+
+    kind = "magnitude"
+
+    def __post_init__(self):
+        SparseDeltaConfig(drop_rate=self.drop_rate)  # same range check
+
+    def kept(self, out_features: int, in_features: int) -> int:
+        return SparseDeltaConfig(drop_rate=self.drop_rate).kept(out_features, in_features)
+
+    def build(self, expert_ids, out_features, in_features, *, seed, matrix, dtype=torch.float32):
+        return IndexedSparseDeltas(self, expert_ids, out_features, in_features, seed=seed, matrix=matrix, dtype=dtype)
+
+
+class IndexedSparseDeltas(ExpertDeltas):
+    """Values [E, K] (trainable) at sorted flat positions ``indices`` [E, K] (fixed)."""
+
+    def __init__(self, config, expert_ids, out_features, in_features, *, seed, matrix, dtype):
+        super().__init__(config, expert_ids, out_features, in_features, seed=seed, matrix=matrix, dtype=dtype)
+        self.kept = config.kept(out_features, in_features)
+        index_dtype = torch.int32 if out_features * in_features <= 2**31 - 1 else torch.int64
+        self.values = nn.Parameter(torch.zeros(self.num_experts, self.kept, dtype=dtype))
+        self.indices = nn.Parameter(
+            torch.arange(self.kept, dtype=index_dtype).repeat(self.num_experts, 1), requires_grad=False
+        )
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.values.zero_()
+        self.indices.copy_(torch.arange(self.kept, dtype=self.indices.dtype).expand_as(self.indices))
+
+    def positions(self, expert: int, rows=None, cols=None):
+        """(row, col, value index) of the kept entries inside Δ_e[rows, cols], slice-relative."""
+        r0, r1 = _as_slice(rows, self.out_features)
+        c0, c1 = _as_slice(cols, self.in_features)
+        flat = self.indices[expert].long()
+        row, col = flat // self.in_features, flat % self.in_features
+        index = ((row >= r0) & (row < r1) & (col >= c0) & (col < c1)).nonzero().squeeze(1)
+        return row[index] - r0, col[index] - c0, index
+
+    def delta_weight(self, expert, rows=None, cols=None):
+        row, col, index = self.positions(expert, rows, cols)
+        r0, r1 = _as_slice(rows, self.out_features)
+        c0, c1 = _as_slice(cols, self.in_features)
+        dense = torch.zeros(r1 - r0, c1 - c0, dtype=torch.float32, device=self.values.device)
+        return dense.index_put((row, col), self.values[expert, index].float())
+
+    def apply_delta(self, x, expert, rows=None, cols=None):
+        row, col, index = self.positions(expert, rows, cols)
+        r0, r1 = _as_slice(rows, self.out_features)
+        if x.shape[0] * index.numel() > (r1 - r0) * x.shape[1]:  # dense product is cheaper
+            return super().apply_delta(x, expert, rows, cols)
+        contrib_TK = x[:, col] * self.values[expert, index].to(x.dtype)
+        return x.new_zeros(x.shape[0], r1 - r0).index_add(1, row, contrib_TK)
+
+    def num_values(self) -> int:
+        return self.values.numel()
+
+    def index_bytes(self) -> int:
+        return self.indices.numel() * self.indices.element_size()
+
+
+@dataclass(frozen=True, kw_only=True)
+class PerMatrixDeltaConfig:
+    """A delta config per matrix (``fc1:quant:4,fc2:svd:8``): ``fc1`` also names
+    ``fc1_gate`` and ``fc1_up``; ``default`` covers the rest."""
+
+    configs: tuple = ()  # ((matrix, config), ...)
+    default: object = None
+
+    kind = "mixed"
+
+    def for_matrix(self, matrix: str):
+        table = dict(self.configs)
+        for name in (matrix, matrix.split("_")[0]):
+            if name in table:
+                return table[name]
+        if self.default is None:
+            raise ValueError(f"no delta codec given for the {matrix} matrix")
+        return self.default
+
+    def build(self, expert_ids, out_features, in_features, *, seed, matrix, dtype=torch.float32):
+        return self.for_matrix(matrix).build(expert_ids, out_features, in_features, seed=seed, matrix=matrix, dtype=dtype)

@@ -202,7 +202,7 @@ class DeRSExperts(MegatronModule):
         outputs = []
         for e, x_seg in enumerate(torch.split(x_TI, counts)):
             parts = [
-                self.deltas[m].apply(x_seg, e, *self._base_slices[m]) for m in matrices
+                self.deltas[m].apply_delta(x_seg, e, *self._base_slices[m]) for m in matrices
             ]
             outputs.append(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
         return torch.cat(outputs, dim=0)

@@ -211,6 +211,10 @@ def _device_count():
     return 1
 
 
+def _set_device(device):
+    return None
+
+
 def _memory_zero(*args, **kwargs):
     return 0
 
@@ -239,6 +243,8 @@ def _patch_torch_cuda() -> None:
     cuda.manual_seed = _manual_seed
     # training/initialize.py:358,447 skip model-parallel init when device_count() == 0
     cuda.device_count = _device_count
+    # training/initialize.py:282 selects the local device once device_count() > 0
+    cuda.set_device = _set_device
     # memory reports in training/utils.py and our own logs
     cuda.memory_allocated = _memory_zero
     cuda.max_memory_allocated = _memory_zero

@@ -83,10 +83,10 @@ class DeRSSharedExpert(MegatronModule):
         fc1_matrices = ("fc1_gate", "fc1_up") if self.config.gated_linear_unit else ("fc1",)
         fc1_TF = x_TH @ experts.linear_fc1.weight.t()
         fc1_TF = fc1_TF + torch.cat(
-            [self.deltas[m].apply(x_TH, 0, *experts._base_slices[m]) for m in fc1_matrices], dim=1
+            [self.deltas[m].apply_delta(x_TH, 0, *experts._base_slices[m]) for m in fc1_matrices], dim=1
         )
         h_TF = experts._activation(fc1_TF)
-        out_TH = h_TF @ experts.linear_fc2.weight.t() + self.deltas["fc2"].apply(h_TF, 0, *experts._base_slices["fc2"])
+        out_TH = h_TF @ experts.linear_fc2.weight.t() + self.deltas["fc2"].apply_delta(h_TF, 0, *experts._base_slices["fc2"])
         out = out_TH.view(*x.shape[:-1], out_TH.shape[-1])
         if comm:
             out = reduce_scatter_to_sequence_parallel_region(out, group=self.tp_group)

@@ -41,7 +41,7 @@ def test_apply_equals_product_with_delta_weight_slice(config, rows, cols):
     x = torch.randn(7, full[:, cols or slice(None)].shape[1], dtype=torch.float64).float()
     expected = x @ full[rows or slice(None), cols or slice(None)].t()
     # float32 sums of at most 10 products of O(1) terms: a few ulps.
-    torch.testing.assert_close(deltas.apply(x, 1, rows, cols), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(deltas.apply_delta(x, 1, rows, cols), expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(deltas.delta_weight(1, rows, cols), full[rows or slice(None), cols or slice(None)])
 
 
@@ -80,7 +80,7 @@ def test_sparse_gather_path_equals_dense_path():
     deltas = randomized(build(SparseDeltaConfig(drop_rate=0.95), out=40, inp=30))
     x = torch.randn(3, 30)  # 3 tokens x 60 kept < 40 x 30: the gather path
     dense = x @ deltas.delta_weight(0).t()
-    torch.testing.assert_close(deltas.apply(x, 0), dense, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(deltas.apply_delta(x, 0), dense, atol=1e-5, rtol=1e-5)
 
 
 def test_sample_unique_is_uniform_enough_and_exact():
@@ -116,3 +116,12 @@ def test_merge_is_fp32_sum_and_rejects_non_finite(config):
 def test_invalid_settings_name_the_flag(make, flag):
     with pytest.raises(ValueError, match=flag):
         make()
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.kind)
+def test_module_apply_still_works(config):
+    # megatron DDP (distributed optimizer) and deepspeed.initialize call nn.Module.apply(fn):
+    # the delta API must not shadow it.
+    seen = []
+    build(config).apply(lambda module: seen.append(type(module).__name__))
+    assert seen and seen[-1].endswith("Deltas")

@@ -100,14 +100,6 @@ class DeRSFFNConfig:
         return ("fc1_gate", "fc1_up") if self.gated else ("fc1",)
 
 
-def _apply_post_order(module: nn.Module, fn) -> None:
-    """What ``nn.Module.apply`` does (children first, then the module), without calling
-    any child's own ``apply``."""
-    for child in module.children():
-        _apply_post_order(child, fn)
-    fn(module)
-
-
 class SharedBase(nn.Module):
     """W_base: the dense FFN every expert shares (megatron's ``linear_fc1``/``linear_fc2``
     layout: fc1 is ``[gate; up]`` when gated)."""
@@ -173,15 +165,8 @@ class ExpertDelta(nn.Module):
 
     def delta_product(self, x_TI: torch.Tensor, matrices: tuple[str, ...]) -> torch.Tensor:
         """x @ Δ^T for ``matrices`` side by side -> [T, Σ O]."""
-        parts = [self.deltas[m].apply(x_TI, 0) for m in matrices]
+        parts = [self.deltas[m].apply_delta(x_TI, 0) for m in matrices]
         return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
-
-    def apply(self, fn):
-        """``nn.Module.apply``, which ``deepspeed.initialize`` calls on the whole model
-        (``utils/z3_leaf_module.py:81``). ``ExpertDeltas.apply`` is the delta API and shadows
-        it with another signature, so the recursion must not call it: walk the subtree here."""
-        _apply_post_order(self, fn)
-        return self
 
     @torch.no_grad()
     def synthesized_weights(self, base: SharedBase) -> dict[str, torch.Tensor]:

@@ -1,0 +1,147 @@
+"""--moe-ders* / --cpu flags: the frozen surface, the DeRSConfig mapping, and every
+invalid combination rejected at parse time (before tokenizer, process groups, data)."""
+
+import argparse
+
+import pytest
+
+from ders_megatron.arguments import (
+    CPU_SETTINGS,
+    DeRSArgumentError,
+    ders_config_from_args,
+    ders_flags,
+    parse_ders_args,
+)
+from ders_megatron.deltas import DenseDeltaConfig, LowRankDeltaConfig, SparseDeltaConfig
+
+# Changing this list changes the CLI: update README/examples and say so in the changelog.
+FROZEN_FLAGS = (
+    "--cpu",
+    "--ders-loss-log",
+    "--moe-ders",
+    "--moe-ders-alpha",
+    "--moe-ders-drop-rate",
+    "--moe-ders-freeze-base",
+    "--moe-ders-impl",
+    "--moe-ders-rank",
+    "--moe-ders-seed",
+    "--moe-ders-shared-expert",
+)
+
+BASE = (
+    "--num-layers 2 --hidden-size 64 --ffn-hidden-size 128 --num-attention-heads 4 "
+    "--seq-length 32 --max-position-embeddings 32 --micro-batch-size 2 --train-iters 2 "
+    "--swiglu --disable-bias-linear --tokenizer-type NullTokenizer --vocab-size 257"
+).split()
+MOE = BASE + "--num-experts 4 --moe-router-topk 2".split()
+
+
+def parse(extra, base=MOE, cpu=True, cuda_available=False):
+    return parse_ders_args(base + (["--cpu"] if cpu else []) + extra.split(), cuda_available)
+
+
+def test_flag_surface_is_frozen():
+    assert ders_flags() == FROZEN_FLAGS
+
+
+def test_cpu_settings_override_megatron_defaults():
+    from megatron.training.arguments import add_megatron_arguments
+
+    parser = add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False))
+    for attr, _, default, _ in CPU_SETTINGS:
+        assert parser.get_default(attr) == default, attr
+    args = parse("--moe-ders lowrank")
+    for attr, value, _, _ in CPU_SETTINGS:
+        assert getattr(args, attr) == value, attr
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        ("--moe-ders lowrank --moe-ders-rank 8 --moe-ders-alpha 16",
+         LowRankDeltaConfig(rank=8, alpha=16.0)),
+        ("--moe-ders lowrank", LowRankDeltaConfig(rank=4)),
+        ("--moe-ders sparse --moe-ders-drop-rate 0.9", SparseDeltaConfig(drop_rate=0.9)),
+        ("--moe-ders sparse", SparseDeltaConfig(drop_rate=0.99)),
+        ("--moe-ders dense", DenseDeltaConfig()),
+    ],
+)
+def test_flags_map_to_ders_config(flags, expected):
+    ders = ders_config_from_args(parse(flags))
+    assert ders.delta == expected
+    assert ders.seed == 1234  # --seed's default
+    assert (ders.impl, ders.freeze_base, ders.extended_shared_expert) == ("dropin", False, False)
+
+
+def test_every_ders_field_has_a_flag():
+    args = parse(
+        "--moe-ders dense --moe-ders-seed 7 --moe-ders-impl fused --moe-ders-freeze-base "
+        "--moe-ders-shared-expert --moe-shared-expert-intermediate-size 128"
+    )
+    ders = ders_config_from_args(args)
+    assert (ders.seed, ders.impl, ders.freeze_base, ders.extended_shared_expert) == (7, "fused", True, True)
+
+
+def test_no_ders_is_none_and_seed_follows_megatron():
+    assert ders_config_from_args(parse("")) is None
+    assert ders_config_from_args(parse("--moe-ders lowrank --seed 99")).seed == 99
+
+
+INVALID = [
+    # (flags, base, words the message must contain)
+    ("--moe-ders lowrank", BASE, ["--moe-ders lowrank", "--num-experts"]),
+    ("--moe-ders-rank 4", MOE, ["--moe-ders-rank", "--moe-ders lowrank"]),
+    ("--moe-ders sparse --moe-ders-rank 4", MOE, ["--moe-ders-rank", "lowrank only"]),
+    ("--moe-ders lowrank --moe-ders-drop-rate 0.5", MOE, ["--moe-ders-drop-rate", "sparse only"]),
+    ("--moe-ders-freeze-base", MOE, ["--moe-ders-freeze-base", "needs --moe-ders"]),
+    ("--moe-ders-impl fused", MOE, ["--moe-ders-impl", "needs --moe-ders"]),
+    ("--moe-ders lowrank --moe-ders-rank 65", MOE, ["--moe-ders-rank 65", "--hidden-size 64"]),
+    ("--moe-ders lowrank --moe-ders-rank 0", MOE, ["--moe-ders-rank"]),
+    ("--moe-ders lowrank --moe-ders-alpha -1", MOE, ["--moe-ders-alpha"]),
+    ("--moe-ders sparse --moe-ders-drop-rate 1.0", MOE, ["--moe-ders-drop-rate", "[0, 1)"]),
+    ("--moe-ders sparse --moe-ders-drop-rate -0.1", MOE, ["--moe-ders-drop-rate", "[0, 1)"]),
+    ("--moe-ders sparse --moe-ders-drop-rate 0.99999", MOE, ["--moe-ders-drop-rate 0.99999", "keeps no"]),
+    ("--moe-ders dense --moe-ffn-hidden-size 130 --tensor-model-parallel-size 4 --sequence-parallel",
+     MOE, ["--moe-ffn-hidden-size 130", "--expert-tensor-parallel-size 4"]),
+    ("--moe-ders dense --expert-model-parallel-size 3", MOE,
+     ["--expert-model-parallel-size 3", "--num-experts 4"]),
+    ("--moe-ders dense --moe-ders-shared-expert", MOE,
+     ["--moe-ders-shared-expert", "--moe-shared-expert-intermediate-size"]),
+    ("--moe-ders dense --moe-ders-shared-expert --moe-shared-expert-intermediate-size 64", MOE,
+     ["--moe-shared-expert-intermediate-size (64)", "--moe-ffn-hidden-size (128)"]),
+    ("--moe-ders dense --tensor-model-parallel-size 4 --sequence-parallel "
+     "--expert-tensor-parallel-size 2", MOE, ["--expert-tensor-parallel-size 2", "1 or"]),
+    ("--moe-ders dense --tensor-model-parallel-size 2", MOE, ["--sequence-parallel"]),
+    ("--moe-ders dense --moe-use-upcycling", MOE, ["--moe-use-upcycling"]),
+    ("--moe-ders dense --moe-grouped-gemm", MOE, ["--moe-grouped-gemm"]),
+    ("--moe-ders lowrank --moe-ders-impl fused --expert-model-parallel-size 2", MOE,
+     ["--moe-ders-impl fused", "--expert-model-parallel-size 1"]),
+    ("--moe-ders lowrank --moe-layer-freq [1,0,1]", MOE, ["--moe-layer-freq", "--num-layers"]),
+    ("--moe-ders lowrank --qk-layernorm", MOE, ["--qk-layernorm"]),
+    ("--moe-ders lowrank --spec local", MOE, ["--spec"]),
+    ("--moe-ders lowrank --save /tmp/x", MOE, ["--save needs --save-interval"]),
+    ("--moe-ders lowrank --lr-warmup-iters 2", MOE, ["--lr-warmup-iters 2", "--train-iters"]),
+    ("--moe-ders lowrank --transformer-impl inference_optimized", MOE,
+     ["--cpu", "--transformer-impl local"]),
+    ("--moe-ders lowrank --num-workers 4", MOE, ["--cpu", "--num-workers 0"]),
+    ("--moe-ders lowrank --moe-token-dispatcher-type flex", MOE, ["flex", "--cpu"]),
+]
+
+
+@pytest.mark.parametrize("flags, base, words", INVALID, ids=[f for f, _, _ in INVALID])
+def test_invalid_combination_is_rejected_at_parse_time(flags, base, words):
+    with pytest.raises(DeRSArgumentError) as err:
+        parse(flags, base=base)
+    for word in words:
+        assert word in str(err.value), str(err.value)
+
+
+def test_cpu_flag_needs_a_machine_without_cuda():
+    with pytest.raises(DeRSArgumentError, match="--cpu .* CUDA is available"):
+        parse("--moe-ders lowrank", cuda_available=True)
+
+
+def test_no_cuda_and_no_cpu_flag_names_the_fix():
+    with pytest.raises(DeRSArgumentError, match="pass --cpu"):
+        parse("--moe-ders lowrank", cpu=False, cuda_available=False)
+    parse("--moe-ders lowrank", cpu=False, cuda_available=True)  # a GPU machine: fine
