@@ -55,6 +55,7 @@ setup(
         "console_scripts": [
             "ders-param-report=ders_megatron.cli:param_report_main",
             "ders-bench-moe-layer=ders_megatron.cli:bench_moe_layer_main",
+            "ders-convert-hf=ders_megatron.hf.cli:main",
         ],
     },
     classifiers=[

@@ -79,7 +79,7 @@ def test_pp2_schedule_matches_pp1_losses(dist2):
 # --------------------------------------------------------------------------- #
 # megatron-core optimizer: distributed optimizer equals the plain one.
 # --------------------------------------------------------------------------- #
-def _one_optimizer_step(layout, distributed_optimizer, reference):
+def _one_optimizer_step(layout, distributed_optimizer, reference, ders=None):
     import torch
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -90,7 +90,7 @@ def _one_optimizer_step(layout, distributed_optimizer, reference):
     from ders_megatron.testing.sharding import full_tensors, load_full_tensors
 
     config = tiny_config()
-    model = build_gpt(config)
+    model = build_gpt(config, ders=ders)
     load_full_tensors(model, reference)
     ddp = wrap_ddp(model, config, distributed_optimizer=distributed_optimizer)
     optimizer = get_megatron_optimizer(
@@ -111,17 +111,20 @@ def _one_optimizer_step(layout, distributed_optimizer, reference):
     return full_tensors(model), grad_norm
 
 
-def distributed_optimizer_parity(layout):
+def distributed_optimizer_parity(layout, ders=None):
     import torch
 
     from ders_megatron.testing.distributed import model_parallel
     from ders_megatron.testing.models import build_gpt, tiny_config
+    from ders_megatron.testing.parity import perturb_deltas
     from ders_megatron.testing.sharding import full_tensors
 
     with model_parallel(**layout):
-        reference = full_tensors(build_gpt(tiny_config()))
-        plain, plain_norm = _one_optimizer_step(layout, False, reference)
-        sharded, sharded_norm = _one_optimizer_step(layout, True, reference)
+        model = build_gpt(tiny_config(), ders=ders)
+        perturb_deltas(model, 0.05)  # LoRA B = 0 would leave A without gradient
+        reference = full_tensors(model)
+        plain, plain_norm = _one_optimizer_step(layout, False, reference, ders)
+        sharded, sharded_norm = _one_optimizer_step(layout, True, reference, ders)
     # Same reductions, but the distributed optimizer reduce-scatters and
     # all-gathers instead of all-reducing: a few ulps on O(1) values.
     assert abs(plain_norm - sharded_norm) <= 1e-5 * plain_norm
@@ -135,6 +138,15 @@ def distributed_optimizer_parity(layout):
 @pytest.mark.parametrize("layout", [dict(), dict(ep=2)], ids=["dp2", "ep2"])
 def test_distributed_optimizer_matches_plain(dist2, layout):
     dist2.run(distributed_optimizer_parity, layout)
+
+
+@pytest.mark.parametrize("layout", [dict(ep=2), dict(tp=2)], ids=["ep2", "tp2"])
+def test_distributed_optimizer_with_ders_experts(dist2, layout):
+    from ders_megatron.deltas import SparseDeltaConfig
+    from ders_megatron.experts import DeRSConfig
+
+    dist2.run(distributed_optimizer_parity, layout, DeRSConfig(delta=SparseDeltaConfig(drop_rate=0.9)))
+    dist2.run(distributed_optimizer_parity, layout, DeRSConfig())
 
 
 # --------------------------------------------------------------------------- #
