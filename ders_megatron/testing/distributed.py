@@ -74,6 +74,7 @@ def model_parallel(
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     parallel_state.destroy_model_parallel()
+    before = _live_groups()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
@@ -88,6 +89,23 @@ def model_parallel(
         yield
     finally:
         parallel_state.destroy_model_parallel()
+        _destroy_groups_since(before)
+
+
+def _live_groups() -> set:
+    from torch.distributed import distributed_c10d
+
+    return set(distributed_c10d._world.pg_map)
+
+
+def _destroy_groups_since(before: set) -> None:
+    """megatron's ``destroy_model_parallel`` only drops its references; every gloo
+    group keeps its threads and sockets. Re-initializing layouts in a long-lived
+    worker would pile up thousands of threads, so destroy what this block created."""
+    import torch.distributed as dist
+
+    for group in _live_groups() - before:
+        dist.destroy_process_group(group)
 
 
 def _worker_main(rank, world_size, port, sys_path, task_queue, result_queue):
