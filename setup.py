@@ -56,6 +56,9 @@ setup(
             "ders-param-report=ders_megatron.cli:param_report_main",
             "ders-bench-moe-layer=ders_megatron.cli:bench_moe_layer_main",
             "ders-convert-hf=ders_megatron.hf.cli:main",
+            "ders-upcycle=ders_megatron.upcycle:main",
+            "ders-compress=ders_megatron.compress.pipeline:main",
+            "ders-analyze=ders_megatron.analyze:main",
         ],
     },
     classifiers=[

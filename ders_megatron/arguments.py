@@ -23,6 +23,8 @@ Flag -> :class:`~ders_megatron.experts.DeRSConfig`:
 ``--moe-ders-freeze-base``  ``freeze_base``: the shared base gets no gradient
 ``--moe-ders-shared-expert`` ``extended_shared_expert``: megatron's shared
                             expert becomes the base plus its own delta
+``--moe-ders codec``        compressed deltas (``--moe-ders-codecs``), as
+                            ``tools/compress.py`` writes them
 =========================== ==================================================
 """
 
@@ -36,7 +38,7 @@ from typing import Any
 from ders_megatron.deltas import SparseDeltaConfig, delta_config
 from ders_megatron.experts import IMPLS, DeRSConfig
 
-DERS_KINDS = ("none", "lowrank", "sparse", "dense")
+DERS_KINDS = ("none", "lowrank", "sparse", "dense", "codec")
 
 # Flag -> default used when the flag is absent (None in the parser, so that a
 # flag given without --moe-ders, or with the wrong kind, can be told apart).
@@ -71,6 +73,12 @@ def add_ders_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--moe-ders", choices=DERS_KINDS, default="none",
                        help="Experts as one shared base + a light delta each: lowrank (DeRS-LM), "
                        "sparse (DeRS-SM) or dense; none keeps megatron's experts.")
+    group.add_argument("--moe-ders-codecs", default=None, metavar="SPEC",
+                       help="codec: the compressed deltas tools/compress.py wrote, per matrix "
+                       "(e.g. 'quant:4' or 'fc1_gate=quant:4,fc1_up=quant:4,fc2=magnitude:0.9'); "
+                       "written into the checkpoint args by the compressor.")
+    group.add_argument("--moe-ders-quant-group-size", type=int, default=None,
+                       help="codec with quant:K: values per quantization group (default 128).")
     group.add_argument("--moe-ders-rank", type=int, default=None,
                        help="lowrank: rank of each expert's delta "
                        f"(default {DELTA_DEFAULTS['rank']}).")
@@ -116,6 +124,15 @@ def ders_config_from_args(args) -> DeRSConfig | None:
     """
     if args.moe_ders == "none":
         return None
+    if args.moe_ders == "codec":
+        if not getattr(args, "moe_ders_codecs", None):
+            raise DeRSArgumentError("--moe-ders codec needs --moe-ders-codecs (tools/compress.py writes it)")
+        from ders_megatron.compress.pipeline import ders_config_from_args as codec_config
+
+        try:
+            return codec_config(args)
+        except ValueError as err:
+            raise DeRSArgumentError(str(err)) from err
     rank = args.moe_ders_rank if args.moe_ders_rank is not None else DELTA_DEFAULTS["rank"]
     drop = args.moe_ders_drop_rate
     drop = drop if drop is not None else DELTA_DEFAULTS["drop_rate"]

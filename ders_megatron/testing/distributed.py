@@ -72,6 +72,8 @@ def model_parallel(
     import torch
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
     parallel_state.destroy_model_parallel()
     before = _live_groups()
@@ -90,6 +92,11 @@ def model_parallel(
     finally:
         parallel_state.destroy_model_parallel()
         _destroy_groups_since(before)
+        # megatron-core module globals that outlive a model: the MoE metrics tracker
+        # (per-layer buffers sized by the first model) and the aux-loss backward scale
+        # a pipeline schedule leaves behind (moe_utils.py:331).
+        destroy_moe_metrics_tracker()
+        MoEAuxLossAutoScaler.main_loss_backward_scale = None
 
 
 def _live_groups() -> set:
