@@ -30,7 +30,7 @@ if importlib.util.find_spec("deepspeed") is None:
 
 from ders_megatron.deltas import DenseDeltaConfig, LowRankDeltaConfig, SparseDeltaConfig  # noqa: E402
 from ders_megatron.deepspeed import DeRSFFNConfig  # noqa: E402
-from ders_megatron.testing.distributed import DistributedPool, free_port  # noqa: E402
+from ders_megatron.testing.distributed import DistributedPool  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "deepspeed" / "train_ders_moe.py"
 
@@ -61,46 +61,11 @@ ATOL, RTOL = 1e-5, 1e-4
 # --------------------------------------------------------------------------- #
 # Ranks without the megatron CPU runtime
 # --------------------------------------------------------------------------- #
-def _init_plain_gloo(rank: int, world_size: int, port: int) -> None:
-    import torch.distributed as dist
-
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu",  # read at deepspeed's first accelerator query
-    )
-    dist.init_process_group(backend="gloo", rank=rank, world_size=world_size)
-
-
-def _plain_gloo_worker(*args) -> None:
-    """``DistributedPool``'s worker loop, its rank set up by :func:`_init_plain_gloo`."""
-    from ders_megatron.testing import distributed
-
-    distributed.init_process_group = _init_plain_gloo  # this child process only
-    distributed._worker_main(*args)
-
-
-class PlainGlooPool(DistributedPool):
-    """Gloo ranks WITHOUT the megatron CPU runtime that ``DistributedPool`` switches on: it
-    makes ``torch.cuda.is_available()`` true, which sends DeepSpeed's accelerator and
-    ``torch.optim`` down CUDA paths. Megatron-side checks run in conftest's ``dist1``."""
-
-    def _start(self) -> None:  # DistributedPool._start with another worker entry point
-        import atexit
-
-        port = free_port()
-        self._tasks = [self._ctx.Queue() for _ in range(self.world_size)]
-        self._results = self._ctx.Queue()
-        self._procs = [
-            self._ctx.Process(
-                target=_plain_gloo_worker,
-                args=(rank, self.world_size, port, list(sys.path), self._tasks[rank], self._results),
-                daemon=False,
-            )
-            for rank in range(self.world_size)
-        ]
-        for proc in self._procs:
-            proc.start()
-        atexit.register(self.close, kill=True)
+def PlainGlooPool(world_size: int) -> DistributedPool:
+    """Gloo ranks WITHOUT the megatron CPU runtime: its ``torch.cuda`` redirections send
+    DeepSpeed's accelerator and ``torch.optim`` down CUDA paths. Megatron-side checks run
+    in conftest's ``dist1``. DS_ACCELERATOR is read at deepspeed's first accelerator query."""
+    return DistributedPool(world_size, cpu_runtime=False, env={"DS_ACCELERATOR": "cpu"})
 
 
 # --------------------------------------------------------------------------- #

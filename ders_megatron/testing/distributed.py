@@ -42,12 +42,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_process_group(rank: int, world_size: int, port: int) -> None:
+def init_process_group(rank: int, world_size: int, port: int, cpu_runtime: bool = True) -> None:
+    """A gloo (nccl with CUDA) rank; with ``cpu_runtime`` megatron-core's CPU runtime on.
+
+    Code that is not megatron-core (DeepSpeed) may want it off: the runtime's
+    ``torch.cuda`` redirections make such libraries take their CUDA paths.
+    """
     import torch.distributed as dist
 
     from ders_megatron.runtime import distributed_backend, enable_cpu_runtime
 
-    enable_cpu_runtime()
+    if cpu_runtime:
+        enable_cpu_runtime()
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -115,11 +121,12 @@ def _destroy_groups_since(before: set) -> None:
         dist.destroy_process_group(group)
 
 
-def _worker_main(rank, world_size, port, sys_path, task_queue, result_queue):
+def _worker_main(rank, world_size, port, sys_path, env, cpu_runtime, task_queue, result_queue):
     sys.path[:] = sys_path
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    os.environ.update(env)
     try:
-        init_process_group(rank, world_size, port)
+        init_process_group(rank, world_size, port, cpu_runtime)
     except BaseException:  # noqa: BLE001 - reported to the parent
         result_queue.put((rank, False, traceback.format_exc()))
         return
@@ -141,9 +148,17 @@ def _worker_main(rank, world_size, port, sys_path, task_queue, result_queue):
 class DistributedPool:
     """N persistent gloo ranks that run test bodies (see module docstring)."""
 
-    def __init__(self, world_size: int, timeout_s: float = DEFAULT_TIMEOUT_S):
+    def __init__(
+        self,
+        world_size: int,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        cpu_runtime: bool = True,
+        env: dict[str, str] | None = None,
+    ):
         self.world_size = world_size
         self.timeout_s = timeout_s
+        self.cpu_runtime = cpu_runtime
+        self.env = dict(env or {})
         self._ctx = mp.get_context("spawn")
         self._procs: list[mp.Process] = []
 
@@ -154,7 +169,10 @@ class DistributedPool:
         self._procs = [
             self._ctx.Process(
                 target=_worker_main,
-                args=(rank, self.world_size, port, list(sys.path), self._tasks[rank], self._results),
+                args=(
+                    rank, self.world_size, port, list(sys.path), self.env, self.cpu_runtime,
+                    self._tasks[rank], self._results,
+                ),
                 # Not daemonic: dist_checkpointing's async writer starts its own
                 # Manager process, which daemonic processes may not do.
                 daemon=False,
