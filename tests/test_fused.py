@@ -1,0 +1,386 @@
+"""Fused DeRS MoE layer: equals the drop-in experts and the synthesized-weight reference.
+
+Three implementations of the same weights are compared:
+
+* reference: megatron-core's own ``MoELayer`` + ``SequentialMLP`` with W_e = W_base + Δ_e;
+* drop-in: ``MoELayer`` with ``DeRSExperts`` (tests/test_ders_experts.py ties it to the reference);
+* fused: ``FusedDeRSMoELayer`` (no dispatch; linearity; the low-rank SwiGLU kernel).
+"""
+
+import pytest
+import torch
+
+from ders_megatron.deltas import DenseDeltaConfig, LowRankDeltaConfig, SparseDeltaConfig
+from ders_megatron.experts import DeRSConfig
+
+KINDS = {
+    "lowrank": LowRankDeltaConfig(rank=3, alpha=6.0),
+    "sparse": SparseDeltaConfig(drop_rate=0.9),
+    "dense": DenseDeltaConfig(),
+}
+
+# float32. The fused layer computes W2_base(Σ_s p_s h_s) + Σ_s p_s Δ2 h_s where the
+# reference computes Σ_s p_s (W_base + Δ)_e h_s: the same O(1) terms summed in another
+# order (and x·W_base + x·Δ vs x·(W_base + Δ)), a few ulps; gradients sum up to 4·k such
+# terms per expert. 1e-5 absolute / 1e-4 relative is far above that and far below any
+# real error (a wrong slice, slot or scale gives O(1e-2) and up).
+ATOL, RTOL = 1e-5, 1e-4
+
+# Layer-level cases: (kind, top-k, config overrides). Lowrank + SwiGLU runs the fused kernel,
+# everything else the generic path; both see top-1/2/4.
+SWIGLU = {}
+# megatron needs pre-softmax routing for top-1 (transformer_config.py:2336); top-4 gets 8 experts.
+TOPK = {1: dict(moe_router_pre_softmax=True), 2: {}, 4: dict(num_moe_experts=8)}
+GELU_BIAS = dict(gated_linear_unit=False, activation_func=torch.nn.functional.gelu, add_bias_linear=True)
+LAYER_CASES = [
+    (kind, topk, dict(SWIGLU, **TOPK[topk])) for kind in KINDS for topk in (1, 2, 4)
+] + [
+    ("lowrank", 2, dict(add_bias_linear=True)),  # fused kernel with base biases
+    ("lowrank", 2, GELU_BIAS),  # generic path for low-rank
+    ("sparse", 2, GELU_BIAS),
+    ("lowrank", 2, dict(moe_ffn_hidden_size=48)),
+    # megatron router features: they live in the shared TopKRouter, the fused layer must keep them.
+    ("lowrank", 2, dict(moe_router_pre_softmax=True, moe_z_loss_coeff=1e-3)),
+    ("lowrank", 2, dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+                        moe_router_topk_scaling_factor=2.0, moe_router_load_balancing_type="seq_aux_loss")),
+    # token dropping: capacity 1.0 drops pairs at these sizes; padding adds zero-probability pairs.
+    ("lowrank", 2, dict(moe_expert_capacity_factor=1.0)),
+    ("sparse", 2, dict(moe_expert_capacity_factor=1.0)),
+    ("lowrank", 2, dict(moe_expert_capacity_factor=1.0, moe_pad_expert_input_to_capacity=True)),
+    ("lowrank", 2, dict(moe_shared_expert_intermediate_size=64, moe_shared_expert_gate=True)),
+]
+
+
+def _run_layer(layer, x, upstream):
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+    tracker = get_moe_metrics_tracker()
+    tracker.clear()
+    x = x.clone().requires_grad_(True)
+    out, bias = layer(x)
+    assert bias is None
+    (out * upstream).sum().backward()
+    aux = {name: entry.values.clone() for name, entry in tracker.metrics.items()}
+    return out.detach(), x.grad, aux
+
+
+def _assert_close(got, want, what):
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL, msg=lambda m: f"{what}: {m}")
+
+
+def fused_equals_dropin_and_reference(cases, extended_shared=False):
+    """Every case: fused ≡ drop-in ≡ SequentialMLP reference (outputs, aux losses, grads)."""
+    from ders_megatron.fused import fused_ders_moe_spec
+    from ders_megatron.testing.distributed import model_parallel
+    from ders_megatron.testing.models import tiny_config
+    from ders_megatron.testing.reference import (
+        build_moe_layers, expected_grads, load_synthesized, randomize_deltas,
+    )
+
+    for kind, topk, overrides in cases:
+        case = f"{kind} top-{topk} {overrides}"
+        with model_parallel():
+            config = tiny_config(moe_router_topk=topk, **overrides)
+            ders = DeRSConfig(delta=KINDS[kind], extended_shared_expert=extended_shared)
+            dropin, vanilla = build_moe_layers(config, ders)
+            randomize_deltas(dropin)
+            load_synthesized(dropin, vanilla)
+            fused = fused_ders_moe_spec(ders)(config=config)
+            fused.set_layer_number(1)
+            fused.load_state_dict(dropin.state_dict())
+            fused.token_tile = 3  # several tiles per expert, and ragged last tiles
+            gen = torch.Generator().manual_seed(0)
+            x = torch.randn(12, 2, config.hidden_size, generator=gen)
+            upstream = torch.randn(x.shape, generator=gen)
+            runs = {name: _run_layer(layer, x, upstream) for name, layer in
+                    (("fused", fused), ("dropin", dropin), ("reference", vanilla))}
+            for other in ("dropin", "reference"):
+                for i, what in enumerate(("output", "input grad")):
+                    _assert_close(runs["fused"][i], runs[other][i], f"{case} {what} vs {other}")
+                assert runs["fused"][2].keys() == runs[other][2].keys(), case
+                for name, value in runs[other][2].items():
+                    _assert_close(runs["fused"][2][name], value, f"{case} {name} vs {other}")
+            assert runs["fused"][2], f"{case}: no router aux loss was recorded"
+            for name, param in vanilla.router.named_parameters():
+                _assert_close(fused.router.get_parameter(name).grad, param.grad, f"{case} router.{name}")
+            if fused.router.expert_bias is not None:  # updated from the same routing map
+                _assert_close(fused.router.local_tokens_per_expert, vanilla.router.local_tokens_per_expert, case)
+            expected = expected_grads(dropin, vanilla)
+            got = {n: p.grad for n, p in fused.named_parameters() if not n.startswith("router.")}
+            dropin_grads = {n: p.grad for n, p in dropin.named_parameters() if not n.startswith("router.")}
+            assert got.keys() == expected.keys() == dropin_grads.keys(), case
+            for name, grad in expected.items():
+                assert grad.abs().sum() > 0, f"vacuous: zero reference gradient for {name} ({case})"
+                _assert_close(got[name], grad, f"{case} {name} vs reference")
+                _assert_close(got[name], dropin_grads[name], f"{case} {name} vs dropin")
+    return len(cases)
+
+
+def test_fused_equals_dropin_and_reference_ws1(dist1):
+    assert dist1.run(fused_equals_dropin_and_reference, LAYER_CASES) == [len(LAYER_CASES)]
+
+
+def test_fused_with_extended_ders_shared_expert(dist1):
+    shared = dict(moe_shared_expert_intermediate_size=64, moe_shared_expert_gate=True)
+    cases = [("lowrank", 2, shared), ("sparse", 1, dict(shared, **TOPK[1]))]
+    dist1.run(fused_equals_dropin_and_reference, cases, extended_shared=True)
+
+
+def kernel_on_dispatched_rows_equals_dropin():
+    """The drop-in proposal: the fused kernel on dispatched rows ≡ DeRSExperts.forward."""
+    from ders_megatron.fused import dropin_lowrank_swiglu
+    from ders_megatron.testing.distributed import model_parallel
+    from ders_megatron.testing.models import tiny_config
+    from ders_megatron.testing.reference import build_moe_layers, randomize_deltas
+
+    with model_parallel():
+        config = tiny_config(add_bias_linear=True)
+        experts = build_moe_layers(config, DeRSConfig(delta=KINDS["lowrank"]))[0].experts
+        randomize_deltas(experts)
+        gen = torch.Generator().manual_seed(0)
+        tokens_per_expert = torch.tensor([5, 0, 7, 3])
+        x = torch.randn(15, config.hidden_size, generator=gen)
+        probs = torch.rand(15, generator=gen)
+        upstream = torch.randn(15, config.hidden_size, generator=gen)
+        grads = []
+        for fn in (experts.forward, lambda *a: (dropin_lowrank_swiglu(experts, *a, tile=2), None)):
+            experts.zero_grad()
+            inputs = [x.clone().requires_grad_(True), tokens_per_expert, probs.clone().requires_grad_(True)]
+            out, _ = fn(*inputs)
+            (out * upstream).sum().backward()
+            grads.append([out, inputs[0].grad, inputs[2].grad] + [p.grad.clone() for p in experts.parameters()])
+        for got, want in zip(*grads):
+            _assert_close(got, want, "kernel on dispatched rows vs DeRSExperts.forward")
+
+
+def test_kernel_on_dispatched_rows_equals_dropin(dist1):
+    dist1.run(kernel_on_dispatched_rows_equals_dropin)
+
+
+# --------------------------------------------------------------------------- #
+# World size 2: fused at TP=2 + SP (and TP=2, expert-TP 1) against drop-in at world size 1.
+# --------------------------------------------------------------------------- #
+FUSED_LAYOUTS = [dict(), dict(tp=2), dict(tp=2, etp=1)]
+
+# Same float32 comparison as testing/parity.py (whole 2-layer GPT, DDP, finalize_model_grads):
+# sharded runs add TP partial sums in another order, a few ulps amplified through 2 layers
+# and the softmax; 1e-5 / 1e-4 covers it, real bugs give 1e-2 and up.
+GPT_ATOL, GPT_RTOL = 1e-5, 1e-4
+
+
+def fused_gpt_matches_dropin(kind, topk, overrides=None, against_ws1=True):
+    """Drop-in at world size 1 holds the weights; at each layout the fused model loads them
+    and must match the drop-in model at that layout and (``against_ws1``) at world size 1.
+
+    ``against_ws1=False`` for token dropping: the router drops per sequence-parallel chunk,
+    so a TP layout drops other pairs than world size 1, in megatron and in both DeRS paths.
+    """
+    from ders_megatron.testing.distributed import model_parallel
+    from ders_megatron.testing.parity import assert_grads_close, loss_and_grads
+
+    overrides = dict(moe_router_topk=topk, **(overrides or {}))
+    dropin = DeRSConfig(delta=KINDS[kind])
+    fused = DeRSConfig(delta=KINDS[kind], impl="fused")
+    with model_parallel():
+        ref_loss, ref_params, ref_grads = loss_and_grads(overrides, dropin, perturb=0.05)
+    dead = [name for name, grad in ref_grads.items() if not grad.abs().sum() > 0]
+    assert not dead, f"vacuous comparison: zero reference gradients for {dead}"
+    for layout in FUSED_LAYOUTS:
+        with model_parallel(**layout):
+            loss, _, grads = loss_and_grads(overrides, fused, reference=ref_params)
+            wants = [loss_and_grads(overrides, dropin, reference=ref_params)]
+        if against_ws1:
+            wants.append((ref_loss, None, ref_grads))
+        for want_loss, _, want_grads in wants:
+            torch.testing.assert_close(loss, want_loss, atol=GPT_ATOL, rtol=GPT_RTOL, msg=lambda m: f"{layout}: {m}")
+            assert_grads_close(grads, want_grads, atol=GPT_ATOL, rtol=GPT_RTOL)
+    return ref_loss.item()
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_fused_tp2_sp_equals_dropin_ws1(dist2, kind):
+    for topk in (1, 2, 4):
+        dist2.run(fused_gpt_matches_dropin, kind, topk, TOPK[topk])
+
+
+def test_fused_tp2_with_shared_expert_and_capacity(dist2):
+    # Padding to capacity: megatron's alltoall dispatcher under TP=2 fails on uneven
+    # per-rank token counts when pairs are dropped without it (gloo all_gather sizes).
+    shared = dict(moe_shared_expert_intermediate_size=64, moe_expert_capacity_factor=1.0,
+                  moe_pad_expert_input_to_capacity=True)
+    dist2.run(fused_gpt_matches_dropin, "lowrank", 2, shared, against_ws1=False)
+
+
+# --------------------------------------------------------------------------- #
+# Checkpoints: written by one implementation, read by the other.
+# --------------------------------------------------------------------------- #
+def _full_logits(model, batch):
+    from megatron.core import parallel_state
+    from torch import distributed as dist
+
+    model.eval()
+    with torch.no_grad():
+        logits = model(batch["tokens"], batch["position_ids"], None)
+    group = parallel_state.get_tensor_model_parallel_group()
+    parts = [torch.empty_like(logits) for _ in range(group.size())]
+    dist.all_gather(parts, logits.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
+
+
+def checkpoint_across_impls(ckpt_dir, kind, save_impl, save_layout, load_impl, load_layout):
+    import os
+
+    from megatron.core import dist_checkpointing
+
+    from ders_megatron.testing.distributed import model_parallel
+    from ders_megatron.testing.models import build_gpt, tiny_batch, tiny_config
+    from ders_megatron.testing.parity import perturb_deltas
+
+    os.makedirs(ckpt_dir, exist_ok=True)
+    batch = tiny_batch()
+    with model_parallel(**save_layout, seed=7):
+        saved = build_gpt(tiny_config(), ders=DeRSConfig(delta=KINDS[kind], impl=save_impl))
+        perturb_deltas(saved, 0.05)
+        dist_checkpointing.save(saved.sharded_state_dict(), ckpt_dir)
+        saved_logits = _full_logits(saved, batch)
+    with model_parallel(**load_layout, seed=99):  # another seed: a different fresh init
+        loaded = build_gpt(tiny_config(), ders=DeRSConfig(delta=KINDS[kind], impl=load_impl))
+        before = _full_logits(loaded, batch)
+        loaded.load_state_dict(dist_checkpointing.load(loaded.sharded_state_dict(), ckpt_dir))
+        loaded_logits = _full_logits(loaded, batch)
+    assert not torch.allclose(before, saved_logits), "the fresh model already matched: vacuous"
+    # Same weights, the other implementation (and maybe layout): partial sums in another
+    # order, a few ulps of O(1) logits through 2 layers.
+    torch.testing.assert_close(loaded_logits, saved_logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_checkpoint_dropin_and_fused_load_each_other(dist2, tmp_path, kind):
+    runs = [
+        ("dropin", dict(), "fused", dict()),
+        ("fused", dict(), "dropin", dict()),
+        ("dropin", dict(tp=2), "fused", dict(tp=2)),
+        ("fused", dict(tp=2), "dropin", dict(tp=2)),
+        ("dropin", dict(ep=2), "fused", dict(tp=2)),  # drop-in trained with EP, served fused
+    ]
+    for i, (save_impl, save_layout, load_impl, load_layout) in enumerate(runs):
+        dist2.run(checkpoint_across_impls, str(tmp_path / str(i)), kind, save_impl, save_layout, load_impl, load_layout)
+
+
+def same_state_dict_keys():
+    from ders_megatron.testing.distributed import model_parallel
+    from ders_megatron.testing.models import build_gpt, tiny_config
+
+    with model_parallel(tp=2):
+        models = {impl: build_gpt(tiny_config(), ders=DeRSConfig(impl=impl)) for impl in ("dropin", "fused")}
+        params = {impl: {n: tuple(p.shape) for n, p in m.named_parameters()} for impl, m in models.items()}
+        sharded = {
+            impl: {k: (v.global_shape, v.global_offset, v.replica_id) for k, v in m.sharded_state_dict().items()
+                   if hasattr(v, "global_shape")}
+            for impl, m in models.items()
+        }
+    assert params["dropin"] == params["fused"]
+    assert sharded["dropin"] == sharded["fused"]
+    return sorted(params["fused"])
+
+
+def test_parameter_names_and_sharded_layout_equal_dropin(dist2):
+    names = dist2.run(same_state_dict_keys)[0]
+    assert "decoder.layers.0.mlp.experts.deltas.fc1_gate.lora_A" in names
+    assert "decoder.layers.0.mlp.router.weight" in names
+
+
+# --------------------------------------------------------------------------- #
+# Routing slots, clear errors, benchmark smoke test.
+# --------------------------------------------------------------------------- #
+def test_routed_slots_keep_every_nonzero_pair():
+    from ders_megatron.fused import routed_slots
+
+    probs = torch.tensor([[0.6, 0.0, 0.4, 0.0], [0.0, 0.0, 0.7, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    # token 1 lost a pair to capacity (its map entry is False); token 2 lost both but
+    # carries a padded, zero-probability pair (pad_to_capacity).
+    routing_map = torch.tensor([[1, 0, 1, 0], [0, 0, 1, 0], [0, 1, 0, 0]], dtype=torch.bool)
+    idx, p = routed_slots(probs, routing_map, topk=2)
+    assert set(idx[0].tolist()) == {0, 2} and sorted(p[0].tolist()) == pytest.approx([0.4, 0.6])
+    assert 2 in idx[1].tolist() and sorted(p[1].tolist()) == pytest.approx([0.0, 0.7])
+    assert p[2].tolist() == [0.0, 0.0]
+
+
+def build_expecting_error(layout, overrides, impl="fused"):
+    from ders_megatron.testing.distributed import model_parallel
+    from ders_megatron.testing.models import build_gpt, tiny_config
+
+    with model_parallel(**layout):
+        try:
+            build_gpt(tiny_config(**overrides), ders=DeRSConfig(impl=impl))
+        except ValueError as err:
+            return str(err)
+    return "no error"
+
+
+@pytest.mark.parametrize(
+    "layout,overrides,message",
+    [
+        (dict(ep=2), {}, "--expert-model-parallel-size 1"),
+        (dict(), dict(moe_router_topk=1, moe_router_pre_softmax=True, moe_apply_probs_on_input=True),
+         "--moe-apply-probs-on-input"),
+        (dict(), dict(moe_shared_expert_intermediate_size=64, moe_shared_expert_overlap=True),
+         "--moe-shared-expert-overlap"),
+    ],
+    ids=["expert-parallel", "probs-on-input", "shared-expert-overlap"],
+)
+def test_unsupported_settings_fail_clearly(dist2, layout, overrides, message):
+    for text in dist2.run(build_expecting_error, layout, overrides):
+        assert message in text
+
+
+def bench_smoke(json_path):
+    from ders_megatron.cli import bench_moe_layer_main
+
+    argv = ["--hidden-size", "32", "--ffn-hidden-size", "64", "--tokens", "16", "--topk", "1", "2",
+            "--ranks", "2", "--drop-rates", "0.5", "--warmup", "1", "--repeats", "2", "--json", json_path]
+    return bench_moe_layer_main(argv)
+
+
+def test_benchmark_runs_and_writes_json(dist1, tmp_path):
+    import json
+
+    path = tmp_path / "bench.json"
+    assert dist1.run(bench_smoke, str(path)) == [0]
+    payload = json.loads(path.read_text())
+    rows = payload["results"]
+    labels = {r["label"] for r in rows}
+    assert {"dense MLP", "MoE SequentialMLP", "DeRS fused lowrank r=2", "DeRS dropin sparse p=0.5"} <= labels
+    dense = next(r for r in rows if r["label"] == "dense MLP")
+    assert dense["ratios"]["ms"] == 1.0 and dense["peak_mib"] > 0
+    grouped = next(r for r in rows if r["label"].startswith("MoE GroupedMLP"))
+    assert grouped["ms"] is None and "not run" in grouped["note"]
+
+
+@pytest.mark.gpu
+def test_fused_with_transformer_engine_base_linears():
+    """On a GPU with TE: the TE-backed fused layer equals the local-backend one."""
+    pytest.importorskip("transformer_engine")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from ders_megatron.testing.distributed import run_distributed
+
+    run_distributed(te_equals_local, 1)
+
+
+def te_equals_local():
+    from ders_megatron.fused import fused_ders_moe_spec
+    from ders_megatron.testing.distributed import model_parallel
+    from ders_megatron.testing.models import tiny_config
+
+    with model_parallel():
+        config = tiny_config(use_cpu_initialization=False)
+        ders = DeRSConfig(impl="fused")
+        layers = [fused_ders_moe_spec(ders, use_te=te)(config=config).cuda() for te in (False, True)]
+        for layer in layers:
+            layer.set_layer_number(1)
+        layers[1].load_state_dict(layers[0].state_dict(), strict=False)
+        x = torch.randn(8, 2, config.hidden_size, device="cuda")
+        outs = [layer(x)[0] for layer in layers]
+    # TF32/cuBLAS vs TE GEMMs on the same fp32 weights: 1e-3 relative.
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-3, rtol=1e-3)
