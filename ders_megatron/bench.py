@@ -214,11 +214,10 @@ def build_module(variant: Variant, shape: BenchShape, topk: int, token_tile: int
 
 def _use_kernel_in_dropin(experts, token_tile=None) -> None:
     """The proposal measured as "dropin-kernel": this instance's experts run the fused kernel."""
-    from ders_megatron.fused import CPU_TOKEN_TILE, dropin_lowrank_swiglu
+    from ders_megatron.fused import dropin_lowrank_swiglu
 
     def forward(dispatched_input, tokens_per_expert, permuted_probs, **_):
-        out = dropin_lowrank_swiglu(experts, dispatched_input, tokens_per_expert, permuted_probs,
-                                    token_tile or CPU_TOKEN_TILE)
+        out = dropin_lowrank_swiglu(experts, dispatched_input, tokens_per_expert, permuted_probs, token_tile)
         return out, None
 
     experts.forward = forward

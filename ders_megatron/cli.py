@@ -268,7 +268,8 @@ def build_bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported)")
-    p.add_argument("--token-tile", type=int, default=None, help="fused kernel's tokens per tile (CPU)")
+    p.add_argument("--token-tile", type=int, default=None,
+                   help="(token, slot) pairs per tile of the fused kernel on CPU (default: by FFN width)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     p.add_argument("--json", metavar="PATH", help="also write every figure as JSON here")
     return p

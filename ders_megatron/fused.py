@@ -69,11 +69,17 @@ from ders_megatron.experts import DeRSMoELayer
 
 logger = logging.getLogger(__name__)
 
-# Pairs per tile of the fused low-rank kernel on CPU: a tile's scratch (five
-# [rows, F] buffers) should stay in L2 (2 MiB per core on the Xeon of
-# docs/benchmarks.md, where 64 beat 32, 128 and 256 at F = 4096). On CUDA one
-# tile holds a whole expert's pairs.
-CPU_TOKEN_TILE = 64
+# Elements per [rows, F] scratch buffer of the fused low-rank kernel on CPU: a
+# tile's five buffers should stay near L2 (2 MiB per core on the Xeon of
+# docs/benchmarks.md, where 64 rows beat 32, 128 and 256 at F = 4096). On CUDA
+# one tile holds a whole expert's pairs.
+CPU_TILE_ELEMENTS = 64 * 4096
+
+
+def cpu_token_tile(ffn_columns: int) -> int:
+    """Rows per tile on CPU for this rank's FFN width: a power of two in [16, 1024]."""
+    rows = max(16, min(1024, CPU_TILE_ELEMENTS // max(ffn_columns, 1)))
+    return 1 << (rows.bit_length() - 1)
 
 
 def fused_ders_moe_spec(ders, use_te: bool = False):
@@ -140,7 +146,7 @@ class FusedDeRSMoELayer(DeRSMoELayer):
             name=name,
         )
         self.ders = ders
-        self.token_tile = CPU_TOKEN_TILE
+        self.token_tile: int | None = None  # None: cpu_token_tile(F); tests and benchmarks may set it
         p = self.experts.placement
         log_single_rank(
             logger,
@@ -190,12 +196,15 @@ class FusedDeRSMoELayer(DeRSMoELayer):
             p_Tk = gather_from_sequence_parallel_region(p_Tk, group=self.tp_group)
             idx_Tk = gather_from_sequence_parallel_region(idx_Tk, group=self.tp_group)
         x_TH = x.reshape(-1, x.shape[-1])
-        tile = x_TH.shape[0] if x_TH.is_cuda else self.token_tile
+        tile = x_TH.shape[0] if x_TH.is_cuda else self.token_tile or cpu_token_tile(self._ffn_columns())
         out_TH = fused_expert_compute(self.experts, x_TH, idx_Tk, p_Tk, tile)
         out = out_TH.view(x.shape)
         if comm:
             out = reduce_scatter_to_sequence_parallel_region(out, group=self.tp_group)
         return out
+
+    def _ffn_columns(self) -> int:
+        return self.experts.linear_fc2.weight.shape[1]  # this rank's FFN shard
 
 
 # --------------------------------------------------------------------------- #
@@ -280,7 +289,7 @@ def _segments(counts: list[int], num_experts: int) -> list[tuple[int, int, int, 
     return out
 
 
-def dropin_lowrank_swiglu(experts, dispatched_input, tokens_per_expert, permuted_probs, tile=CPU_TOKEN_TILE):
+def dropin_lowrank_swiglu(experts, dispatched_input, tokens_per_expert, permuted_probs, tile=None):
     """The fused low-rank SwiGLU kernel on dispatched rows: ``DeRSExperts.forward``'s result.
 
     Each dispatched row is a "token" with one slot, so the base GEMMs run over all
@@ -292,6 +301,7 @@ def dropin_lowrank_swiglu(experts, dispatched_input, tokens_per_expert, permuted
     pairs = PairOrder.rows(tokens_per_expert, dispatched_input.device)
     if dispatched_input.is_cuda:
         tile = dispatched_input.shape[0]
+    tile = tile or cpu_token_tile(experts.linear_fc2.weight.shape[1])
     return lowrank_swiglu_compute(experts, dispatched_input, pairs, permuted_probs.unsqueeze(1), tile)
 
 

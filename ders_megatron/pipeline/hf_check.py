@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 def main(folder: str, probe: str, out: str, prompt: str, new_tokens: int) -> None:
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)  # else it asks on stdin
     tokens = torch.load(probe, weights_only=True)["tokens"]
     with torch.no_grad():
         logits = model(tokens).logits

@@ -64,11 +64,46 @@ def torchrun(flags, nproc: int = 2, log_path=None, timeout: float | None = None)
     """Run the pretraining script on ``nproc`` ranks; stdout+stderr to ``log_path`` or piped."""
     out = open(log_path, "w") if log_path else subprocess.PIPE
     try:
-        return subprocess.run(torchrun_cmd(PRETRAIN, flags, nproc), stdout=out, stderr=subprocess.STDOUT,
-                              text=True, env=child_env(), timeout=timeout, cwd=REPO)
+        return run_bounded(torchrun_cmd(PRETRAIN, flags, nproc), stdout=out, stderr=subprocess.STDOUT,
+                           env=child_env(), timeout=timeout)
     finally:
         if log_path:
             out.close()
+
+
+def run_bounded(cmd: list[str], *, timeout: float | None, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                env: dict[str, str] | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, text=True)``, except that a timeout (or an interrupt) ends every
+    process ``cmd`` started, not only ``cmd``.
+
+    ``subprocess.run`` kills only its child: torchrun's workers (started in sessions
+    of their own by torch.distributed.elastic) or a pipeline's steps would live on
+    and load the machine. stdin is closed, so nothing can wait on a prompt.
+    """
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, text=True, env=env,
+                            cwd=cwd, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:
+        kill_tree(proc)
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc`` and all its descendants, whatever session they moved to."""
+    import psutil
+
+    try:
+        victims = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        victims = []
+    for victim in [*victims, proc]:
+        try:
+            victim.send_signal(signal.SIGKILL)
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            pass
+    proc.wait(timeout=30)
 
 
 def tool_cmd(tool: str, *args) -> list[str]:
@@ -100,8 +135,8 @@ def run_logged(cmd: list[str], log: Path, desc: str, *, threads: int | None = No
         out.write(f"$ {show(cmd)}\n")
         out.flush()
         # Its own session, so that an interrupt ends torchrun's workers too (by group id).
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                cwd=REPO, start_new_session=True)
         bar = tqdm(total=total, desc=desc, unit="it" if poll else "s", disable=None, leave=False,
                    dynamic_ncols=True)
         try:

@@ -28,6 +28,7 @@ import traceback
 from typing import Any, Callable
 
 DEFAULT_TIMEOUT_S = 300.0
+MAX_WORKER_THREADS = 300
 _GRACE_AFTER_FAILURE_S = 10.0
 
 
@@ -194,7 +195,27 @@ class DistributedPool:
             self.close(kill=True)
             details = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(failures.items()))
             raise RankFailure(f"{fn.__name__} failed on rank(s) {sorted(failures)}:\n{details}")
+        self._recycle_if_bloated()
         return [results[rank] for rank in range(self.world_size)]
+
+    def _recycle_if_bloated(self) -> None:
+        """Restart the workers (on next use) once one holds more than
+        :data:`MAX_WORKER_THREADS` native threads.
+
+        :func:`model_parallel` destroys the groups it made, but other libraries'
+        threads still accumulate over hundreds of bodies (gloo groups megatron's
+        optimizer and dist_checkpointing make outside any layout, thread pools):
+        a restart (~3 s) costs less than a worker whose idle threads compete with
+        the next test's ranks for the cores.
+        """
+        import psutil
+
+        try:
+            threads = max(psutil.Process(proc.pid).num_threads() for proc in self._procs)
+        except psutil.NoSuchProcess:
+            threads = MAX_WORKER_THREADS + 1
+        if threads > MAX_WORKER_THREADS:
+            self.close()
 
     def _collect(self, timeout_s: float):
         results: dict[int, Any] = {}
