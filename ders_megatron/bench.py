@@ -39,10 +39,9 @@ from torch.utils._pytree import tree_flatten
 
 BASELINES = ("dense", "sequential", "grouped")
 IMPLS = ("dropin", "fused")
-# Opt-in: the drop-in layer with its experts' forward replaced by the fused low-rank
-# kernel on the dispatched rows (ders_megatron.fused.dropin_lowrank_swiglu), the change
-# proposed for ders_megatron/experts.py in docs/benchmarks.md.
-PROPOSALS = ("dropin-kernel",)
+# Opt-in: the drop-in layer on DeRSExperts.forward_unfused (per-expert delta
+# temporaries), the path low-rank SwiGLU experts took before they ran the kernel.
+UNFUSED = ("dropin-unfused",)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -206,21 +205,12 @@ def build_module(variant: Variant, shape: BenchShape, topk: int, token_tile: int
         module = spec(variant.ders_config())(config=config)
         if token_tile and hasattr(module, "token_tile"):
             module.token_tile = token_tile
-        if variant.kind == "dropin-kernel":
-            _use_kernel_in_dropin(module.experts, token_tile)
+        if token_tile and hasattr(module.experts, "token_tile"):
+            module.experts.token_tile = token_tile
+        if variant.kind == "dropin-unfused":
+            module.experts.forward = module.experts.forward_unfused
     module.set_layer_number(1)
     return module
-
-
-def _use_kernel_in_dropin(experts, token_tile=None) -> None:
-    """The proposal measured as "dropin-kernel": this instance's experts run the fused kernel."""
-    from ders_megatron.fused import dropin_lowrank_swiglu
-
-    def forward(dispatched_input, tokens_per_expert, permuted_probs, **_):
-        out = dropin_lowrank_swiglu(experts, dispatched_input, tokens_per_expert, permuted_probs, token_tile)
-        return out, None
-
-    experts.forward = forward
 
 
 def grouped_unavailable_reason() -> str:

@@ -260,9 +260,9 @@ def build_bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--ranks", type=int, nargs="*", default=[1, 4, 16], help="DeRS-LM ranks (none: skip)")
     p.add_argument("--drop-rates", type=float, nargs="*", default=[0.9, 0.99, 0.9999],
                    help="DeRS-SM drop rates (none: skip)")
-    p.add_argument("--impls", nargs="*", default=["dropin", "fused"], choices=["dropin", "fused", "dropin-kernel"],
-                   help="dropin-kernel: the drop-in layer with the fused kernel on dispatched rows "
-                   "(a proposed change, low-rank only; see docs/benchmarks.md)")
+    p.add_argument("--impls", nargs="*", default=["dropin", "fused"], choices=["dropin", "fused", "dropin-unfused"],
+                   help="dropin-unfused: the drop-in layer without the low-rank SwiGLU kernel "
+                   "(DeRSExperts.forward_unfused, per-expert delta temporaries; low-rank only)")
     p.add_argument("--baselines", nargs="*", default=["sequential", "grouped"],
                    choices=["sequential", "grouped"], help="the dense MLP always runs")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])

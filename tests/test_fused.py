@@ -127,7 +127,7 @@ def test_fused_with_extended_ders_shared_expert(dist1):
 
 
 def kernel_on_dispatched_rows_equals_dropin():
-    """The drop-in proposal: the fused kernel on dispatched rows ≡ DeRSExperts.forward."""
+    """The drop-in experts' kernel path ≡ their unfused path (every delta kind's reference)."""
     from ders_megatron.fused import dropin_lowrank_swiglu
     from ders_megatron.testing.distributed import model_parallel
     from ders_megatron.testing.models import tiny_config
@@ -143,14 +143,17 @@ def kernel_on_dispatched_rows_equals_dropin():
         probs = torch.rand(15, generator=gen)
         upstream = torch.randn(15, config.hidden_size, generator=gen)
         grads = []
-        for fn in (experts.forward, lambda *a: (dropin_lowrank_swiglu(experts, *a, tile=2), None)):
+        assert experts.uses_lowrank_kernel()
+        for fn in (experts.forward_unfused, lambda *a: (dropin_lowrank_swiglu(experts, *a, tile=2), None),
+                   experts.forward):
             experts.zero_grad()
             inputs = [x.clone().requires_grad_(True), tokens_per_expert, probs.clone().requires_grad_(True)]
             out, _ = fn(*inputs)
             (out * upstream).sum().backward()
             grads.append([out, inputs[0].grad, inputs[2].grad] + [p.grad.clone() for p in experts.parameters()])
-        for got, want in zip(*grads):
-            _assert_close(got, want, "kernel on dispatched rows vs DeRSExperts.forward")
+        for path, result in zip(("kernel, tile 2", "forward"), grads[1:]):
+            for got, want in zip(result, grads[0]):
+                _assert_close(got, want, f"{path} vs DeRSExperts.forward_unfused")
 
 
 def test_kernel_on_dispatched_rows_equals_dropin(dist1):
