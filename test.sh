@@ -7,4 +7,4 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
 bash "$ROOT/scripts/ensure_env.sh"
 cd "$ROOT"
 export TORCHDYNAMO_DISABLE=1
-exec .venv/bin/python -m pytest -q tests "$@"
+exec .venv/bin/python -m pytest -q --durations=15 tests "$@"
