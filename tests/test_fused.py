@@ -160,6 +160,28 @@ def test_kernel_on_dispatched_rows_equals_dropin(dist1):
     dist1.run(kernel_on_dispatched_rows_equals_dropin)
 
 
+def kernel_on_no_rows():
+    """An EP rank may receive no tokens at all: the kernel path returns [0, H] and zero grads."""
+    from ders_megatron.testing.distributed import model_parallel
+    from ders_megatron.testing.models import tiny_config
+    from ders_megatron.testing.reference import build_moe_layers, randomize_deltas
+
+    with model_parallel():
+        config = tiny_config()
+        experts = build_moe_layers(config, DeRSConfig(delta=KINDS["lowrank"]))[0].experts
+        randomize_deltas(experts)
+        assert experts.uses_lowrank_kernel()
+        x = torch.randn(0, config.hidden_size, requires_grad=True)
+        out, _ = experts(x, torch.zeros(experts.num_local_experts, dtype=torch.long), torch.rand(0))
+        out.sum().backward()
+        assert out.shape == (0, config.hidden_size)
+        assert all(p.grad is None or not p.grad.any() for p in experts.parameters())
+
+
+def test_kernel_on_no_rows(dist1):
+    dist1.run(kernel_on_no_rows)
+
+
 # --------------------------------------------------------------------------- #
 # World size 2: fused at TP=2 + SP (and TP=2, expert-TP 1) against drop-in at world size 1.
 # --------------------------------------------------------------------------- #
