@@ -7,6 +7,7 @@ One run is a module fixture; the tests read its artifacts, then rerun it to see 
 step skipped, and change one setting to see only the steps after it redone.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from ders_megatron.pipeline.launch import EXCERPT, REPO, run_bounded
+from ders_megatron.pipeline.launch import EXCERPT, REPO, kill_tree, run_bounded
 from ders_megatron.training_utils import TRACKER
 
 pytestmark = pytest.mark.slow  # ~2 minutes on 2 CPU cores (4 torchrun jobs, 14 tool runs)
@@ -190,3 +191,53 @@ def test_bad_settings_stop_before_any_work(tmp_path, flags, message):
                             capture_output=True, text=True, timeout=120, cwd=REPO)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert not (tmp_path / "w").exists()
+
+
+def _alive(procs) -> list:
+    """The processes still running (a zombie waiting for its reaper counts as ended)."""
+    import psutil
+
+    alive = []
+    for p in procs:
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def test_sigterm_ends_the_running_step_and_every_process_it_started(tmp_path, tiny_llama):
+    """SIGTERM while torchrun trains: the job exits 143, nothing it started lives on (torchrun's
+    workers run in sessions of their own), and the step is not recorded as done."""
+    import signal
+
+    import psutil
+
+    workdir = tmp_path / "w"
+    cmd = [sys.executable, "-m", "ders_megatron.main_job", "--hf-model", str(tiny_llama), "--workdir", str(workdir),
+           *ARGS]
+    with open(tmp_path / "job.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                                env=dict(os.environ, TORCHDYNAMO_DISABLE="1"), start_new_session=True)
+    tree = []
+    try:
+        deadline = time.monotonic() + 300
+        while True:  # until the launcher and both ranks of the first fine-tuning run exist
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "job.log").read_text()[-3000:]
+            tree = psutil.Process(proc.pid).children(recursive=True)
+            trainers = [p for p in _alive(tree) if "pretrain_gpt_ders.py" in " ".join(p.cmdline())]
+            if len(trainers) >= 3:
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        psutil.wait_procs(tree, timeout=30)
+        assert not _alive(tree), [p.cmdline() for p in _alive(tree)]
+        assert not (workdir / "state" / "train-dense.json").exists()
+    finally:  # whatever failed, leave no process behind to load the rest of the suite
+        for p in _alive(tree):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        if proc.poll() is None:
+            kill_tree(proc)

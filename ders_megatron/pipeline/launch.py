@@ -176,14 +176,23 @@ def _error_lines(log: Path) -> str:
 
 
 def _end_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the process group we started, SIGKILL it if it lingers."""
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 30)):
+    """SIGTERM the process group we started (torchrun then stops its workers), and after
+    10 s SIGKILL whatever is left of the tree: torchrun's workers run in sessions of
+    their own, so the group signal alone cannot reach them."""
+    import psutil
+
+    try:
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    for victim in descendants:
         try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+            victim.kill()
+        except psutil.NoSuchProcess:
+            pass
+    kill_tree(proc)
