@@ -69,11 +69,12 @@ from ders_megatron.experts import DeRSMoELayer
 
 logger = logging.getLogger(__name__)
 
-# Elements per [rows, F] scratch buffer of the fused low-rank kernel on CPU: a
-# tile's five buffers should stay near L2 (2 MiB per core on the Xeon of
-# docs/benchmarks.md, where 64 rows beat 32, 128 and 256 at F = 4096). On CUDA
-# one tile holds a whole expert's pairs.
-CPU_TILE_ELEMENTS = 64 * 4096
+# Elements per [rows, F] scratch buffer of the low-rank kernel on CPU. Measured on
+# the whole layer (docs/benchmarks.md, 2-core Xeon, F = 4096, top-2): 256 rows beat
+# 64, 128 and 512 (fused 516 vs 525 ms, drop-in 947 vs 994 ms at 64): past L2, but
+# each tile costs ~25 op dispatches (~125 us of Python), which small tiles multiply.
+# On CUDA one tile holds a whole expert's pairs.
+CPU_TILE_ELEMENTS = 256 * 4096
 
 
 def cpu_token_tile(ffn_columns: int) -> int:

@@ -334,7 +334,7 @@ def test_routed_slots_keep_every_nonzero_pair():
 def test_cpu_tile_rows_follow_ffn_width():
     from ders_megatron.fused import cpu_token_tile
 
-    assert [cpu_token_tile(f) for f in (2048, 4096, 8192, 10**6)] == [128, 64, 32, 16]
+    assert [cpu_token_tile(f) for f in (1024, 1536, 2048, 4096, 8192, 10**6)] == [1024, 512, 512, 256, 128, 16]
 
 
 def build_expecting_error(layout, overrides, impl="fused"):
