@@ -203,10 +203,9 @@ def build_module(variant: Variant, shape: BenchShape, topk: int, token_tile: int
     else:
         spec = fused_ders_moe_spec if variant.kind == "fused" else ders_moe_spec
         module = spec(variant.ders_config())(config=config)
-        if token_tile and hasattr(module, "token_tile"):
+        module.experts.token_tile = token_tile  # the drop-in path's kernel (None: by FFN width)
+        if hasattr(module, "token_tile"):  # the fused layer's
             module.token_tile = token_tile
-        if token_tile and hasattr(module.experts, "token_tile"):
-            module.experts.token_tile = token_tile
         if variant.kind == "dropin-unfused":
             module.experts.forward = module.experts.forward_unfused
     module.set_layer_number(1)

@@ -83,6 +83,14 @@ def cpu_token_tile(ffn_columns: int) -> int:
     return 1 << (rows.bit_length() - 1)
 
 
+def kernel_tile(experts, x_TH: torch.Tensor, tile: int | None) -> int:
+    """Rows per tile of the low-rank kernel: all of them on CUDA, else ``tile`` (a test's or
+    benchmark's choice) or :func:`cpu_token_tile` of this rank's FFN shard."""
+    if x_TH.is_cuda:
+        return x_TH.shape[0]
+    return tile or cpu_token_tile(experts.linear_fc2.weight.shape[1])
+
+
 def fused_ders_moe_spec(ders, use_te: bool = False):
     """The MoE module builder for ``--moe-ders-impl fused`` (see :func:`specs.gpt_layer_spec`).
 
@@ -197,15 +205,12 @@ class FusedDeRSMoELayer(DeRSMoELayer):
             p_Tk = gather_from_sequence_parallel_region(p_Tk, group=self.tp_group)
             idx_Tk = gather_from_sequence_parallel_region(idx_Tk, group=self.tp_group)
         x_TH = x.reshape(-1, x.shape[-1])
-        tile = x_TH.shape[0] if x_TH.is_cuda else self.token_tile or cpu_token_tile(self._ffn_columns())
+        tile = kernel_tile(self.experts, x_TH, self.token_tile)
         out_TH = fused_expert_compute(self.experts, x_TH, idx_Tk, p_Tk, tile)
         out = out_TH.view(x.shape)
         if comm:
             out = reduce_scatter_to_sequence_parallel_region(out, group=self.tp_group)
         return out
-
-    def _ffn_columns(self) -> int:
-        return self.experts.linear_fc2.weight.shape[1]  # this rank's FFN shard
 
 
 # --------------------------------------------------------------------------- #
@@ -300,9 +305,7 @@ def dropin_lowrank_swiglu(experts, dispatched_input, tokens_per_expert, permuted
     :func:`lowrank_swiglu_applies` and no ``--moe-apply-probs-on-input``.
     """
     pairs = PairOrder.rows(tokens_per_expert, dispatched_input.device)
-    if dispatched_input.is_cuda:
-        tile = dispatched_input.shape[0]
-    tile = tile or cpu_token_tile(experts.linear_fc2.weight.shape[1])
+    tile = kernel_tile(experts, dispatched_input, tile)
     return lowrank_swiglu_compute(experts, dispatched_input, pairs, permuted_probs.unsqueeze(1), tile)
 
 

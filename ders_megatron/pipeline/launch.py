@@ -92,13 +92,24 @@ def run_bounded(cmd: list[str], *, timeout: float | None, stdout=subprocess.PIPE
 
 def kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILL ``proc`` and all its descendants, whatever session they moved to."""
+    _kill([*_descendants(proc), proc], proc)
+
+
+def _descendants(proc: subprocess.Popen) -> list:
+    """The processes ``proc`` started, recursively (psutil handles; empty once it is gone)."""
     import psutil
 
     try:
-        victims = psutil.Process(proc.pid).children(recursive=True)
+        return psutil.Process(proc.pid).children(recursive=True)
     except psutil.NoSuchProcess:
-        victims = []
-    for victim in [*victims, proc]:
+        return []
+
+
+def _kill(victims: list, proc: subprocess.Popen) -> None:
+    """SIGKILL every one of ``victims`` still there, then reap ``proc``."""
+    import psutil
+
+    for victim in victims:
         try:
             victim.send_signal(signal.SIGKILL)
         except (psutil.NoSuchProcess, ProcessLookupError):
@@ -177,22 +188,13 @@ def _error_lines(log: Path) -> str:
 
 def _end_group(proc: subprocess.Popen) -> None:
     """SIGTERM the process group we started (torchrun then stops its workers), and after
-    10 s SIGKILL whatever is left of the tree: torchrun's workers run in sessions of
-    their own, so the group signal alone cannot reach them."""
-    import psutil
-
-    try:
-        descendants = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        descendants = []
+    10 s SIGKILL whatever is left of the tree. The tree is listed first: torchrun's
+    workers run in sessions of their own, and once torchrun has exited they can no
+    longer be found from ``proc``."""
+    descendants = _descendants(proc)
     try:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=10)
     except (ProcessLookupError, subprocess.TimeoutExpired):
         pass
-    for victim in descendants:
-        try:
-            victim.kill()
-        except psutil.NoSuchProcess:
-            pass
-    kill_tree(proc)
+    _kill([*descendants, *_descendants(proc), proc], proc)

@@ -202,11 +202,11 @@ class DistributedPool:
         """Restart the workers (on next use) once one holds more than
         :data:`MAX_WORKER_THREADS` native threads.
 
-        :func:`model_parallel` destroys the groups it made, but other libraries'
-        threads still accumulate over hundreds of bodies (gloo groups megatron's
-        optimizer and dist_checkpointing make outside any layout, thread pools):
-        a restart (~3 s) costs less than a worker whose idle threads compete with
-        the next test's ranks for the cores.
+        :func:`model_parallel` destroys the groups it made, but a body that wraps a
+        model in megatron's DDP still leaves their gloo threads behind (~57 per body at
+        EP=2, measured: no Python reference to the groups survives, so something on the
+        C++ side keeps them): a restart (~3 s) costs less than a worker whose idle
+        threads compete with the next test's ranks for the cores.
         """
         import psutil
 
