@@ -4,4 +4,4 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
 bash "$ROOT/scripts/ensure_env.sh"
-exec "$ROOT/.venv/bin/python" -m ders_megatron.main_job "$@"
+exec "$ROOT/.venv/bin/python" -m ders_megatron.pipeline.main_job "$@"

@@ -44,7 +44,7 @@ setup(
         "packaging",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout"],
+        "test": ["pytest", "pytest-timeout", "import-linter"],
         "hf": ["transformers>=5,<6", "tokenizers", "gguf"],
         "plot": ["matplotlib"],
         "deepspeed": ["deepspeed==0.19.8"],
@@ -53,12 +53,12 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "ders-param-report=ders_megatron.cli:param_report_main",
-            "ders-bench-moe-layer=ders_megatron.cli:bench_moe_layer_main",
-            "ders-convert-hf=ders_megatron.hf.cli:main",
-            "ders-upcycle=ders_megatron.upcycle:main",
-            "ders-compress=ders_megatron.compress.pipeline:main",
-            "ders-analyze=ders_megatron.analyze:main",
+            "ders-param-report=ders_megatron.cli.param_report:param_report_main",
+            "ders-bench-moe-layer=ders_megatron.cli.bench_moe_layer:bench_moe_layer_main",
+            "ders-convert-hf=ders_megatron.cli.convert_hf:main",
+            "ders-upcycle=ders_megatron.cli.upcycle:main",
+            "ders-compress=ders_megatron.cli.compress:main",
+            "ders-analyze=ders_megatron.cli.analyze:main",
         ],
     },
     classifiers=[

@@ -21,7 +21,7 @@ TOPK="${TOPK:-2}"
 MOE_LAYER_FREQ="${MOE_LAYER_FREQ:-2}"          # every other layer is MoE (as MoE-LLaVA)
 
 # ---- DeRS ---------------------------------------------------------------------
-DERS="${DERS:-lowrank}"                         # lowrank | sparse | dense | none
+DERS="${DERS:-lowrank}"                         # lowrank | sparse | dense | vanilla
 DERS_RANK="${DERS_RANK:-4}"                     # lowrank
 DERS_DROP_RATE="${DERS_DROP_RATE:-0.99}"        # sparse
 DERS_IMPL="${DERS_IMPL:-dropin}"                # dropin | fused

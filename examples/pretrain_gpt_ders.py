@@ -6,7 +6,7 @@
 Every Megatron-LM flag works as in ``pretrain_gpt.py`` (data blends over
 indexed .bin/.idx files or --mock-data, LR schedules, clipping, the distributed
 optimizer, logging, evaluation, --save/--load/--save-interval); the DeRS and
-``--cpu`` flags are in ``ders_megatron/arguments.py``. megatron-core 0.19.2 flow:
+``--cpu`` flags are in ``ders_megatron/training/arguments.py``. megatron-core 0.19.2 flow:
 ``initialize_args`` (parse, DeRS checks, ``--cpu`` runtime, Megatron's
 ``validate_args``), then
 ``pretrain_cfg_container_from_args`` (``training/argument_utils.py:534``, no
@@ -31,10 +31,10 @@ def main(argv=None) -> None:
     from megatron.training import get_args, pretrain, print_rank_0
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
 
-    from ders_megatron.arguments import DeRSArgumentError, initialize_args
-    from ders_megatron.data import train_valid_test_datasets_provider
-    from ders_megatron.model_provider import DeRSModelProvider
-    from ders_megatron.training_utils import (
+    from ders_megatron.training.arguments import DeRSArgumentError, initialize_args
+    from ders_megatron.training.data import train_valid_test_datasets_provider
+    from ders_megatron.training.provider import DeRSModelProvider
+    from ders_megatron.training.utils import (
         IncompleteCheckpointError,
         LossLog,
         check_resume_checkpoint,

@@ -18,7 +18,7 @@ def tiny_args(extra: list[str] | None = None, **overrides):
     """
     from megatron.training.arguments import validate_args
 
-    from ders_megatron.arguments import parse_ders_args
+    from ders_megatron.training.arguments import parse_ders_args
 
     argv = (
         "--cpu --num-layers 2 --hidden-size 32 --ffn-hidden-size 64 --num-attention-heads 4 "
@@ -50,12 +50,12 @@ def args_at(args, tp: int = 1, ep: int = 1, etp: int | None = None):
 
 def build(args, layout: dict | None = None, ders="auto"):
     """The training script's model for ``args`` at ``layout`` (real tensors)."""
-    from ders_megatron.compress.streaming import build_model
-    from ders_megatron.upcycle import ders_config_for
+    from ders_megatron.io.streaming import build_model
+    from ders_megatron.core.config import ders_config_from_args
 
     layout = layout or {}
     if ders == "auto":
-        ders = ders_config_for(args)
+        ders = ders_config_from_args(args)
     return build_model(args_at(args, **layout), ders, meta=False, use_te=False)
 
 
@@ -82,7 +82,7 @@ def full_logits(model, data):
 
 def save_dense(root, args, layout: dict | None = None, seed: int = 3):
     """Build the dense model of ``args`` at ``layout``, save it (release), return its logits."""
-    from ders_megatron.checkpoint import save_model
+    from ders_megatron.io.checkpoint import save_model
     from ders_megatron.testing.distributed import model_parallel
 
     layout = layout or {}

@@ -84,7 +84,7 @@ def tensor_digests(root) -> dict[str, str]:
     """sha256 of (dtype, shape, bytes) of every tensor of a torch_dist checkpoint, by key."""
     import torch
 
-    from ders_megatron.checkpoint import load_full_tensors, tensor_shapes
+    from ders_megatron.io.checkpoint import load_full_tensors, tensor_shapes
 
     keys = sorted(tensor_shapes(root))
     tensors = load_full_tensors(root, keys)
@@ -99,9 +99,9 @@ def tensor_digests(root) -> dict[str, str]:
 
 def make_checkpoints() -> None:
     """Write the input checkpoints (needs the rank pool's single-process megatron)."""
-    from ders_megatron.hf.dims import ModelDims
-    from ders_megatron.hf.megatron_model import checkpoint_args
-    from ders_megatron.hf.testing import save_megatron, tokens
+    from ders_megatron.convert.hf.dims import ModelDims
+    from ders_megatron.convert.hf.megatron_model import checkpoint_args
+    from ders_megatron.testing.hf import save_megatron, tokens
     from ders_megatron.testing.distributed import run_distributed
 
     for case, (fields, _) in CASES.items():
@@ -113,7 +113,7 @@ def make_checkpoints() -> None:
 
 
 def export_digests(case: str, fmt: str) -> dict[str, str]:
-    from ders_megatron.hf import export_hf
+    from ders_megatron.convert.hf import export_hf
 
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="no tokenizer files")
@@ -123,7 +123,7 @@ def export_digests(case: str, fmt: str) -> dict[str, str]:
 
 
 def upcycle_digests(name: str) -> dict[str, str]:
-    from ders_megatron.upcycle import UpcycleConfig, upcycle_checkpoint
+    from ders_megatron.convert.upcycle import UpcycleConfig, upcycle_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out"
@@ -132,7 +132,7 @@ def upcycle_digests(name: str) -> dict[str, str]:
 
 
 def compress_digests(name: str) -> dict[str, str]:
-    from ders_megatron.compress.pipeline import CompressConfig, compress_checkpoint
+    from ders_megatron.convert.compress.pipeline import CompressConfig, compress_checkpoint
 
     fields = dict(COMPRESSIONS[name])
     if fields["base"] == "dense":

@@ -14,8 +14,8 @@ KINDS = ("lowrank", "sparse", "dense")
 
 
 def ders_for(kind):
-    from ders_megatron.deltas import DenseDeltaConfig, LowRankDeltaConfig, SparseDeltaConfig
-    from ders_megatron.experts import DeRSConfig
+    from ders_megatron.core.config import DenseDeltaConfig, LowRankDeltaConfig, SparseDeltaConfig
+    from ders_megatron.core.config import DeRSConfig
 
     delta = {
         "lowrank": LowRankDeltaConfig(rank=2, alpha=4.0),
@@ -41,7 +41,7 @@ def make(kind):
     import torch
     from safetensors.torch import save_file
 
-    from ders_megatron.checkpoint import save_model
+    from ders_megatron.io.checkpoint import save_model
     from ders_megatron.testing.distributed import model_parallel
     from ders_megatron.testing.models import build_gpt, tiny_config
     from ders_megatron.testing.parity import perturb_deltas

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from ders_megatron.accounting import (
+from ders_megatron.core.accounting import (
     PAPER_MODELS,
     DeltaSpec,
     MoEShape,
@@ -28,7 +28,8 @@ from ders_megatron.accounting import (
     ffn_matrices,
     sparse_nnz,
 )
-from ders_megatron.cli import build_param_report_parser, param_report_main, parse_moe_layer_freq
+from ders_megatron.cli.flags import parse_moe_layer_freq
+from ders_megatron.cli.param_report import build_param_report_parser, param_report_main
 
 REPO = Path(__file__).resolve().parents[1]
 ROUNDS = 0.5  # printed = our count rounded to its last digit
@@ -267,7 +268,7 @@ def _shape(**kw):
      "--moe-layer-freq lists 2 layers but --num-layers is 4"),
     (lambda: _shape(moe_layer_freq=[1, 0, 2, 0]), "--moe-layer-freq entries must be 0 or 1"),
     (lambda: _shape(moe_layer_freq=[0, 0, 0, 0]), "--moe-layer-freq selects no MoE layer"),
-    (lambda: _shape(shared_expert="half"), "--moe-shared-expert"),
+    (lambda: _shape(shared_expert="half"), "--moe-ders-shared-expert"),
     (lambda: DeltaSpec(kind="lora"), "--moe-ders must be one of"),
     (lambda: DeltaSpec(kind="lowrank"), "--moe-ders-rank"),
     (lambda: DeltaSpec(kind="lowrank", rank=0), "--moe-ders-rank"),
@@ -296,7 +297,7 @@ def test_vanilla_allows_fine_grained_experts():
 PARAM_REPORT_FLAGS = {
     "-h", "--help", "--preset", "--hidden-size", "--ffn-hidden-size", "--moe-ffn-hidden-size",
     "--num-layers", "--moe-layer-freq", "--num-experts", "--moe-router-topk", "--swiglu",
-    "--add-bias-linear", "--disable-bias-linear", "--moe-shared-expert", "--moe-router-noisy-gate",
+    "--add-bias-linear", "--disable-bias-linear", "--moe-ders-shared-expert", "--moe-router-noisy-gate",
     "--moe-ders", "--moe-ders-rank", "--moe-ders-drop-rate", "--compare", "--dtype", "--json",
 }
 
@@ -337,7 +338,7 @@ def test_param_report_error_names_flag(capsys):
 
 
 def test_param_report_script_and_torch_free_import(tmp_path):
-    """The tool runs from a checkout (any cwd); importing ders_megatron.cli never loads torch."""
+    """The tool runs from a checkout (any cwd); importing ders_megatron.cli.param_report never loads torch."""
     out = tmp_path / "r.json"
     cmd = [sys.executable, str(REPO / "tools" / "param_report.py"), "--hidden-size", "2560",
            "--ffn-hidden-size", "10240", "--num-layers", "32", "--moe-layer-freq", "2",
@@ -347,7 +348,7 @@ def test_param_report_script_and_torch_free_import(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "sparse p=0.9999" in run.stdout and "1.11M" in run.stdout
     assert json.loads(out.read_text())["variants"][0]["added_params"] == 1_113_728
-    probe = "import sys, ders_megatron.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    probe = "import sys, ders_megatron.cli.param_report; assert 'torch' not in sys.modules, 'torch imported'"
     run = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 0, run.stderr

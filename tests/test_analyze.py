@@ -11,7 +11,7 @@ def cli(argv):
     import contextlib
     import io
 
-    from ders_megatron.analyze import main
+    from ders_megatron.cli.analyze import main
 
     err, out = io.StringIO(), io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
@@ -39,7 +39,7 @@ def test_similarity_heat_map_of_upcycled_experts(dist1, trained, tmp_path):  # n
 def test_drop_rate_and_bit_width_sweeps(dist1, trained, tmp_path):  # noqa: F811
     for codecs, base in (("dare:0.5,dare:0.9,dare:0.99", "dense"), ("quant:1,quant:2,quant:4,quant:8", "mean")):
         png, data = tmp_path / f"{base}.png", tmp_path / f"{base}.json"
-        argv = ["sweep", "--load", str(trained / "moe"), "--codecs", codecs, "--base", base,
+        argv = ["sweep", "--load", str(trained / "moe"), "--sweep-codecs", codecs, "--base", base,
                 "--eval-data", str(trained / "heldout.npy"), "--eval-batches", "8", "--out", str(png),
                 "--json", str(data)]
         if base == "dense":
@@ -60,20 +60,20 @@ def test_drop_rate_and_bit_width_sweeps(dist1, trained, tmp_path):  # noqa: F811
 
 
 def test_sweep_rejects_bad_settings(dist1, trained, tmp_path):  # noqa: F811
-    code, _, stderr = dist1.run(cli, ["sweep", "--load", str(trained / "moe"), "--codecs", "quant:7",
+    code, _, stderr = dist1.run(cli, ["sweep", "--load", str(trained / "moe"), "--sweep-codecs", "quant:7",
                                       "--eval-data", str(trained / "heldout.npy"), "--out", str(tmp_path / "x.png")])[0]
     assert code == 2 and "bit width" in stderr
     assert not (tmp_path / "x.png").exists()
 
 
 def test_cli_flags_are_frozen():
-    from ders_megatron.analyze import build_parser
+    from ders_megatron.cli.analyze import build_parser
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     flags = {name: sorted(o for a in p._actions for o in a.option_strings) for name, p in sub.choices.items()}
     assert flags == {
         "similarity": sorted(["-h", "--help", "--load", "--dense", "--out", "--json"]),
-        "sweep": sorted(["-h", "--help", "--load", "--codecs", "--base", "--dense", "--eval-data", "--calib-data",
-                         "--seed", "--quant-group-size", "--seq-length", "--eval-batches", "--out", "--json"]),
+        "sweep": sorted(["-h", "--help", "--load", "--sweep-codecs", "--base", "--dense", "--eval-data", "--calib-data",
+                         "--moe-ders-seed", "--moe-ders-quant-group-size", "--seq-length", "--eval-batches", "--out", "--json"]),
     }

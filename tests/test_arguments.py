@@ -5,14 +5,24 @@ import argparse
 
 import pytest
 
-from ders_megatron.arguments import (
+from pathlib import Path
+
+from ders_megatron.core.config import (
+    DenseDeltaConfig,
+    LowRankDeltaConfig,
+    SparseDeltaConfig,
+    ders_config_from_args,
+    mismatched_ders_flags,
+)
+from ders_megatron.training.arguments import (
     CPU_SETTINGS,
     DeRSArgumentError,
-    ders_config_from_args,
+    check_load_matches_flags,
     ders_flags,
     parse_ders_args,
 )
-from ders_megatron.deltas import DenseDeltaConfig, LowRankDeltaConfig, SparseDeltaConfig
+
+GOLDEN = Path(__file__).resolve().parent / "data" / "golden"  # checkpoints with their args (tests/golden.py)
 
 # Changing this list changes the CLI: update README/examples and say so in the changelog.
 FROZEN_FLAGS = (
@@ -78,7 +88,7 @@ def test_flags_map_to_ders_config(flags, expected):
 def test_every_ders_field_has_a_flag():
     args = parse(
         "--moe-ders dense --moe-ders-seed 7 --moe-ders-impl fused --moe-ders-freeze-base "
-        "--moe-ders-shared-expert --moe-shared-expert-intermediate-size 128"
+        "--moe-ders-shared-expert ders --moe-shared-expert-intermediate-size 128"
     )
     ders = ders_config_from_args(args)
     assert (ders.seed, ders.impl, ders.freeze_base, ders.extended_shared_expert) == (7, "fused", True, True)
@@ -86,6 +96,8 @@ def test_every_ders_field_has_a_flag():
 
 def test_no_ders_is_none_and_seed_follows_megatron():
     assert ders_config_from_args(parse("")) is None
+    assert ders_config_from_args(parse("--moe-ders vanilla")) is None
+    assert ders_config_from_args(argparse.Namespace(moe_ders="none")) is None  # checkpoints before the vocabulary
     assert ders_config_from_args(parse("--moe-ders lowrank --seed 99")).seed == 99
 
 
@@ -107,9 +119,15 @@ INVALID = [
      MOE, ["--moe-ffn-hidden-size 130", "--expert-tensor-parallel-size 4"]),
     ("--moe-ders dense --expert-model-parallel-size 3", MOE,
      ["--expert-model-parallel-size 3", "--num-experts 4"]),
-    ("--moe-ders dense --moe-ders-shared-expert", MOE,
-     ["--moe-ders-shared-expert", "--moe-shared-expert-intermediate-size"]),
-    ("--moe-ders dense --moe-ders-shared-expert --moe-shared-expert-intermediate-size 64", MOE,
+    ("--moe-ders dense --moe-ders-shared-expert ders", MOE,
+     ["--moe-ders-shared-expert ders", "--moe-shared-expert-intermediate-size"]),
+    ("--moe-ders dense --moe-ders-shared-expert full", MOE,
+     ["--moe-ders-shared-expert full", "--moe-shared-expert-intermediate-size"]),
+    ("--moe-ders dense --moe-ders-shared-expert none --moe-shared-expert-intermediate-size 128", MOE,
+     ["--moe-shared-expert-intermediate-size 128", "--moe-ders-shared-expert full"]),
+    ("--moe-ders-shared-expert ders --moe-shared-expert-intermediate-size 128", MOE,
+     ["--moe-ders-shared-expert ders", "--moe-ders lowrank"]),
+    ("--moe-ders dense --moe-ders-shared-expert ders --moe-shared-expert-intermediate-size 64", MOE,
      ["--moe-shared-expert-intermediate-size (64)", "--moe-ffn-hidden-size (128)"]),
     ("--moe-ders dense --tensor-model-parallel-size 4 --sequence-parallel "
      "--expert-tensor-parallel-size 2", MOE, ["--expert-tensor-parallel-size 2", "1 or"]),
@@ -147,3 +165,45 @@ def test_no_cuda_and_no_cpu_flag_names_the_fix():
     with pytest.raises(DeRSArgumentError, match="pass --cpu"):
         parse("--moe-ders lowrank", cpu=False, cuda_available=False)
     parse("--moe-ders lowrank", cpu=False, cuda_available=True)  # a GPU machine: fine
+
+
+# --------------------------------------------------------------------------- #
+# --load: the checkpoint's DeRS settings against the run's flags
+# --------------------------------------------------------------------------- #
+LOWRANK_CKPT_FLAGS = "--moe-ders lowrank --moe-ders-rank 2 --moe-ders-alpha 4.0"  # tests/golden.py "lowrank"
+
+
+def test_load_with_the_checkpoints_flags_is_accepted():
+    check_load_matches_flags(parse(f"{LOWRANK_CKPT_FLAGS} --load {GOLDEN / 'lowrank'}"))
+    check_load_matches_flags(parse(f"--load {GOLDEN / 'vanilla'}"))
+    check_load_matches_flags(parse(f"--moe-ders lowrank --load {GOLDEN / 'dense'}"))  # dense: upcycling starts
+    check_load_matches_flags(parse(f"--moe-ders lowrank --load {GOLDEN / 'missing'}"))  # a fresh run's --load
+
+
+@pytest.mark.parametrize("flags, named", [
+    ("--moe-ders lowrank --moe-ders-rank 4 --moe-ders-alpha 4.0", ["--moe-ders-rank: run 4, checkpoint 2"]),
+    # alpha differing is no shape error: without this check training would go on at another scale
+    ("--moe-ders lowrank --moe-ders-rank 2 --moe-ders-alpha 8.0", ["--moe-ders-alpha: run 8.0, checkpoint 4.0"]),
+    ("--moe-ders lowrank --moe-ders-rank 2", ["--moe-ders-alpha: run (not set), checkpoint 4.0"]),
+    ("", ["--moe-ders: run vanilla, checkpoint lowrank"]),
+    ("--moe-ders sparse", ["--moe-ders: run sparse, checkpoint lowrank"]),
+    (f"{LOWRANK_CKPT_FLAGS} --moe-ders-shared-expert full --moe-shared-expert-intermediate-size 128",
+     ["--moe-ders-shared-expert: run full, checkpoint none"]),
+])
+def test_load_with_other_ders_flags_names_each_flag(flags, named):
+    with pytest.raises(DeRSArgumentError) as err:
+        check_load_matches_flags(parse(f"{flags} --load {GOLDEN / 'lowrank'}"))
+    assert "--use-checkpoint-args" in str(err.value)
+    for words in named:
+        assert words in str(err.value), str(err.value)
+
+
+def test_mismatch_reads_the_stored_spellings():
+    stored = argparse.Namespace(moe_ders="sparse", moe_ders_drop_rate=None, moe_ders_shared_expert=True,
+                                moe_shared_expert_intermediate_size=64)
+    run = argparse.Namespace(moe_ders="sparse", moe_ders_drop_rate=0.99, moe_ders_shared_expert="ders",
+                             moe_shared_expert_intermediate_size=64)
+    assert mismatched_ders_flags(run, stored) == []  # defaults filled in, the old bool read as "ders"
+    run.moe_ders_drop_rate = 0.9
+    assert mismatched_ders_flags(run, stored) == ["--moe-ders-drop-rate: run 0.9, checkpoint 0.99"]
+

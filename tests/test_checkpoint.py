@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ders_megatron.checkpoint import (
+from ders_megatron.io.checkpoint import (
     CheckpointError,
     atomic_output_dir,
     latest_dir,
@@ -16,7 +16,7 @@ from ders_megatron.checkpoint import (
 def save_tiny_gpt(root):
     import argparse
 
-    from ders_megatron.checkpoint import save_model
+    from ders_megatron.io.checkpoint import save_model
     from ders_megatron.testing.distributed import model_parallel
     from ders_megatron.testing.models import build_gpt, tiny_config
     from ders_megatron.testing.sharding import full_tensors

@@ -6,26 +6,10 @@ import math
 import pytest
 import torch
 
-from ders_megatron.compress.codecs import (
-    SVD,
-    CodecError,
-    Dare,
-    Magnitude,
-    Quant,
-    check_codec,
-    low_rank,
-    parse_codec,
-    parse_codecs,
-    quantize,
-    storage_bits,
-)
-from ders_megatron.deltas import (
-    IndexedSparseDeltaConfig,
-    QuantDeltaConfig,
-    SparseDeltaConfig,
-    pack_bits,
-    unpack_bits,
-)
+from ders_megatron.core.config import SVD, CodecError, Dare, Magnitude, Quant, check_codec, parse_codec, parse_codecs
+from ders_megatron.core.codecs import encode, low_rank, quantize, storage_bits
+from ders_megatron.core.config import IndexedSparseDeltaConfig, QuantDeltaConfig, SparseDeltaConfig
+from ders_megatron.core.deltas import build_deltas, pack_bits, unpack_bits
 
 E, O, I = 3, 24, 32
 
@@ -35,10 +19,10 @@ def random_deltas(seed=0, shape=(E, O, I)):
 
 
 def encoded(codec, delta_EOI, layer=1, seed=7, calib=None):
-    module = codec.delta_config().build(list(range(delta_EOI.shape[0])), delta_EOI.shape[1], delta_EOI.shape[2],
+    module = build_deltas(codec.delta_config(), list(range(delta_EOI.shape[0])), delta_EOI.shape[1], delta_EOI.shape[2],
                                         seed=seed, matrix="fc2")
     module.set_layer_number(layer)
-    codec.encode(delta_EOI, module, calib)
+    encode(codec, delta_EOI, module, calib)
     return module
 
 
@@ -120,7 +104,7 @@ def test_dare_is_deterministic_in_its_seed_and_matches_the_ders_layer():
     c = encoded(Dare(0.9), delta, seed=12)
     assert torch.equal(a.values, b.values) and not torch.equal(synthesized(a), synthesized(c))
     # The positions a DeRS layer re-derives from (seed, layer, expert, matrix) alone:
-    layer = SparseDeltaConfig(drop_rate=0.9).build(list(range(E)), O, I, seed=11, matrix="fc2")
+    layer = build_deltas(SparseDeltaConfig(drop_rate=0.9), list(range(E)), O, I, seed=11, matrix="fc2")
     layer.set_layer_number(1)
     layer.load_state_dict(a.state_dict())
     assert torch.equal(synthesized(layer), synthesized(a))
@@ -228,19 +212,19 @@ SPECS = ["quant:3", "magnitude:0.8", "fc1:quant:1,fc2:svd:4"]
 def _fill_compressed(model_or_layer, spec, seed=0):
     """Encode random deltas into every compressed delta module (deterministic)."""
     table = parse_codecs(spec, group_size=16)
-    from ders_megatron.compress.codecs import codec_for
+    from ders_megatron.core.config import codec_for
 
     gen = torch.Generator().manual_seed(seed)
     for name, module in sorted(model_or_layer.named_modules(), key=lambda item: item[0]):
         if name.endswith(".deltas") or name == "deltas":
             for matrix, deltas in module.items():
                 shape = (deltas.num_experts, deltas.out_features, deltas.in_features)
-                codec_for(table, matrix).encode(torch.randn(shape, generator=gen) * 0.05, deltas)
+                encode(codec_for(table, matrix), torch.randn(shape, generator=gen) * 0.05, deltas)
 
 
 def _ders(spec):
-    from ders_megatron.compress.codecs import delta_config
-    from ders_megatron.experts import DeRSConfig
+    from ders_megatron.core.config import codecs_delta_config as delta_config
+    from ders_megatron.core.config import DeRSConfig
 
     return DeRSConfig(delta=delta_config(parse_codecs(spec, group_size=16), ["fc1_gate", "fc1_up", "fc2"]))
 

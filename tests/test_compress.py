@@ -27,9 +27,9 @@ MODEL_FLAGS = ["--hidden-size", "64", "--ffn-hidden-size", "128", "--seq-length"
 
 def make_trained_moe(workdir):
     """dense (trained) -> vanilla upcycle -> MoE (trained); token files beside them."""
-    from ders_megatron.checkpoint import load_common, load_model, save_model
+    from ders_megatron.io.checkpoint import load_common, load_model, save_model
     from ders_megatron.testing.distributed import model_parallel
-    from ders_megatron.upcycle import UpcycleConfig, upcycle_checkpoint
+    from ders_megatron.convert.upcycle import UpcycleConfig, upcycle_checkpoint
 
     torch.manual_seed(0)
     train_tokens, heldout = text_tokens()
@@ -65,14 +65,15 @@ def trained(dist1, tmp_path_factory):
 
 
 def run_compress(moe_root, out_root, **config):
-    from ders_megatron.compress.pipeline import CompressConfig, compress_checkpoint
+    from ders_megatron.convert.compress.pipeline import CompressConfig, compress_checkpoint
 
     return compress_checkpoint(moe_root, out_root, CompressConfig(**config))
 
 
 def expected_moe_bytes(codec_spec, layers=2, experts=4, hidden=64, ffn=128, group=128):
     """MoE-layer bytes the codec implies: fp32 base, stored deltas, router, seeds."""
-    from ders_megatron.compress.codecs import parse_codec, storage_bits
+    from ders_megatron.core.config import parse_codec
+    from ders_megatron.core.codecs import storage_bits
 
     codec = parse_codec(codec_spec, group)
     matrices = [(ffn, hidden), (ffn, hidden), (hidden, ffn)]  # gate, up, down
@@ -123,7 +124,7 @@ def resharded_logits(root):
     """The compressed checkpoint at TP=2+EP=2 gives the world-size-1 logits."""
     from compress_helpers import batch, full_logits
 
-    from ders_megatron.checkpoint import load_common, load_model
+    from ders_megatron.io.checkpoint import load_common, load_model
     from ders_megatron.testing.distributed import model_parallel
 
     args = load_common(root)["args"]
@@ -139,7 +140,7 @@ def resharded_logits(root):
 
 def keeps_training(root):
     """A compressed checkpoint trains on: floats move, packed codes stay."""
-    from ders_megatron.checkpoint import load_common, load_model
+    from ders_megatron.io.checkpoint import load_common, load_model
     from ders_megatron.testing.distributed import model_parallel
 
     train_tokens, _ = text_tokens()
@@ -164,8 +165,8 @@ def test_quantized_checkpoint_reshards_and_keeps_training(dist1, dist2, trained,
 
 def test_dare_and_svd_outputs_load_with_the_training_flags(dist1, trained, tmp_path):
     """dare:P and svd:R write --moe-ders sparse/lowrank args the training script rebuilds."""
-    from ders_megatron.arguments import ders_config_from_args
-    from ders_megatron.checkpoint import load_common
+    from ders_megatron.core.config import ders_config_from_args
+    from ders_megatron.io.checkpoint import load_common
 
     for codec, kind in (("dare:0.9", "sparse"), ("svd:4", "lowrank")):
         out = tmp_path / kind
@@ -180,8 +181,8 @@ def test_dare_and_svd_outputs_load_with_the_training_flags(dist1, trained, tmp_p
 # In-memory interface (what the Hugging Face import calls)
 # --------------------------------------------------------------------------- #
 def test_compress_experts_takes_plain_expert_tensors():
-    from ders_megatron.compress.codecs import parse_codecs
-    from ders_megatron.compress.decomposition import compress_experts
+    from ders_megatron.core.config import parse_codecs
+    from ders_megatron.core.decomposition import compress_experts
 
     gen = torch.Generator().manual_seed(0)
     base = {"fc1_gate": torch.randn(16, 8, generator=gen), "fc1_up": torch.randn(16, 8, generator=gen),
@@ -204,7 +205,7 @@ def cli(argv):
     import contextlib
     import io
 
-    from ders_megatron.compress.pipeline import main
+    from ders_megatron.cli.compress import main
 
     err, out = io.StringIO(), io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
@@ -218,7 +219,7 @@ def cli(argv):
 def test_cli_prints_table_and_writes_json(dist1, trained, tmp_path):
     report = tmp_path / "report.json"
     code, stdout, stderr = dist1.run(cli, ["--load", str(trained / "moe"), "--save", str(tmp_path / "o"),
-                                           "--codec", "quant:1", "--base", "dense", "--dense", str(trained / "dense"),
+                                           "--moe-ders-codecs", "quant:1", "--base", "dense", "--dense", str(trained / "dense"),
                                            "--eval-data", str(trained / "heldout.npy"), "--json", str(report)])[0]
     assert code == 0, stderr
     assert "MoE layers:" in stdout and "cos min" in stdout
@@ -248,23 +249,23 @@ def test_bad_input_fails_clearly_without_output(dist1, trained, tmp_path, case, 
     load, extra = trained / "moe", []
     if case == "dense-input":
         load = trained / "dense"
-        extra = ["--codec", "dare:0.9"]
+        extra = ["--moe-ders-codecs", "dare:0.9"]
     elif case == "ders-input":
         load = tmp_path / "ders"
         dist1.run(run_compress, str(trained / "moe"), str(load), codecs="svd:2", base="mean")
-        extra = ["--codec", "dare:0.9"]
+        extra = ["--moe-ders-codecs", "dare:0.9"]
     elif case == "base-wrong-shape":
         other = tmp_path / "other_dense"
         dist1.run(save_other_dense, str(other))
-        extra = ["--codec", "dare:0.9", "--base", "dense", "--dense", str(other)]
+        extra = ["--moe-ders-codecs", "dare:0.9", "--base", "dense", "--dense", str(other)]
     elif case == "rank-too-large":
-        extra = ["--codec", "svd:100"]
+        extra = ["--moe-ders-codecs", "svd:100"]
     elif case == "bits":
-        extra = ["--codec", "quant:5"]
+        extra = ["--moe-ders-codecs", "quant:5"]
     elif case == "fisher-no-calib":
-        extra = ["--codec", "dare:0.9", "--base", "fisher"]
+        extra = ["--moe-ders-codecs", "dare:0.9", "--base", "fisher"]
     elif case == "dense-base-no-dense":
-        extra = ["--codec", "dare:0.9", "--base", "dense"]
+        extra = ["--moe-ders-codecs", "dare:0.9", "--base", "dense"]
     out = tmp_path / "out"
     code, _, stderr = dist1.run(cli, ["--load", str(load), "--save", str(out), *extra])[0]
     assert code == 2 and message in stderr, stderr
@@ -273,12 +274,12 @@ def test_bad_input_fails_clearly_without_output(dist1, trained, tmp_path, case, 
 
 
 def test_cli_flags_are_frozen():
-    from ders_megatron.compress.pipeline import build_parser
+    from ders_megatron.cli.compress import build_parser
 
     flags = sorted(o for a in build_parser()._actions for o in a.option_strings)
     assert flags == sorted([
-        "-h", "--help", "--load", "--save", "--force", "--codec", "--base", "--dense", "--seed",
-        "--quant-group-size", "--shared-expert", "--calib-data", "--eval-data", "--seq-length",
+        "-h", "--help", "--load", "--save", "--force", "--moe-ders-codecs", "--base", "--dense", "--moe-ders-seed",
+        "--moe-ders-quant-group-size", "--moe-ders-shared-expert", "--calib-data", "--eval-data", "--seq-length",
         "--batch-size", "--calib-batches", "--eval-batches", "--file-bytes", "--json",
     ])
 
@@ -291,9 +292,9 @@ def perturbed_moe(dense_root, moe_root, out_root):
     as training would; returns its logits."""
     from compress_helpers import batch, full_logits
 
-    from ders_megatron.checkpoint import load_common, load_model, save_model
+    from ders_megatron.io.checkpoint import load_common, load_model, save_model
     from ders_megatron.testing.distributed import model_parallel
-    from ders_megatron.upcycle import UpcycleConfig, upcycle_checkpoint
+    from ders_megatron.convert.upcycle import UpcycleConfig, upcycle_checkpoint
 
     upcycle_checkpoint(dense_root, moe_root, UpcycleConfig(kind="vanilla", num_experts=4, shared_expert="full",
                                                            moe_layer_freq=2))
@@ -313,7 +314,7 @@ def perturbed_moe(dense_root, moe_root, out_root):
 def logits_of(root):
     from compress_helpers import batch, full_logits
 
-    from ders_megatron.checkpoint import load_common, load_model
+    from ders_megatron.io.checkpoint import load_common, load_model
     from ders_megatron.testing.distributed import model_parallel
 
     with model_parallel(seed=9):
@@ -322,7 +323,7 @@ def logits_of(root):
         return full_logits(model, batch())
 
 
-@pytest.mark.parametrize("shared", ["keep", "ders"])
+@pytest.mark.parametrize("shared", ["full", "ders"])
 def test_shared_expert_and_every_other_layer_moe(dist1, tmp_path, shared):
     from compress_helpers import save_dense
 

@@ -1,4 +1,4 @@
-"""DeRS experts under DeepSpeed-MoE (``ders_megatron/deepspeed/``, deepspeed 0.19.8).
+"""DeRS experts under DeepSpeed-MoE (``ders_megatron/convert/deepspeed/``, deepspeed 0.19.8).
 
 * outputs and every gradient equal the synthesized-weight reference (W_e = W_base + Δ_e,
   DeepSpeed's own gating functions, dense einsum dispatch), at world size 1 and at world
@@ -6,7 +6,7 @@
   moves every parameter by the reference gradient averaged over ranks;
 * ZeRO 2 at world size 2 trains, ``save_checkpoint``/``load_checkpoint`` round-trip
   exactly and training continues identically; ZeRO 1 at world size 1 trains;
-* parameter counts match ``ders_megatron.accounting`` and megatron's DeRS MoE layer;
+* parameter counts match ``ders_megatron.core.accounting`` and megatron's DeRS MoE layer;
 * the DeepSpeed <-> megatron key map, on a single MoE layer: same init, same weights,
   same expert outputs.
 
@@ -28,8 +28,9 @@ import torch
 if importlib.util.find_spec("deepspeed") is None:
     pytest.skip("deepspeed not installed (pip install -e .[deepspeed])", allow_module_level=True)
 
-from ders_megatron.deltas import DenseDeltaConfig, LowRankDeltaConfig, SparseDeltaConfig  # noqa: E402
-from ders_megatron.deepspeed import DeRSFFNConfig  # noqa: E402
+from ders_megatron.core.config import DenseDeltaConfig, LowRankDeltaConfig
+from ders_megatron.core.config import SparseDeltaConfig  # noqa: E402
+from ders_megatron.convert.deepspeed import DeRSFFNConfig  # noqa: E402
 from ders_megatron.testing.distributed import DistributedPool  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "deepspeed" / "train_ders_moe.py"
@@ -153,8 +154,8 @@ def _layer_and_reference(config, routing, ep_size):
     with the same, randomized, weights."""
     import copy
 
-    from ders_megatron.deepspeed.ffn import ExpertDelta
-    from ders_megatron.deepspeed.layer import DeRSMoE
+    from ders_megatron.convert.deepspeed.ffn import ExpertDelta
+    from ders_megatron.convert.deepspeed.layer import DeRSMoE
 
     torch.manual_seed(0)  # the gate (torch's default init): the same on every rank
     layer = DeRSMoE(config, ep_size=ep_size, **routing)
@@ -288,7 +289,7 @@ def zero2_train_save_load(ckpt_dir: str) -> dict:
 
     import torch.distributed as dist
 
-    from ders_megatron.deepspeed import deepspeed_to_megatron, local_expert_state, read_deepspeed_checkpoint
+    from ders_megatron.convert.deepspeed import deepspeed_to_megatron, local_expert_state, read_deepspeed_checkpoint
 
     _init_deepspeed()
     ex = _example()
@@ -349,7 +350,7 @@ SMALL_ARGS = ["--cpu", "--vocab", "32", "--seq", "8", "--hidden", "16", "--ffn",
 def deepspeed_side(kind: str, flavour: str, randomize: bool, **overrides) -> dict:
     """A DeRS MoE layer built under DeepSpeed: its state, parameter counts, and (randomized)
     its experts' synthesized weights and output on fixed tokens per expert."""
-    from ders_megatron.deepspeed.layer import DeRSMoE
+    from ders_megatron.convert.deepspeed.layer import DeRSMoE
 
     _init_deepspeed()
     config = _ffn_config(kind, flavour, **overrides)
@@ -379,8 +380,8 @@ CAPACITY = 5
 def megatron_side(config: DeRSFFNConfig, topk: int, state: dict | None = None, x_GECD=None) -> dict:
     """megatron-core's DeRS MoE layer (drop-in experts) of the same dims and layer number:
     its initial state, or, loaded with ``state``, its experts on ``x``."""
-    from ders_megatron.experts import DeRSConfig
-    from ders_megatron.specs import ders_moe_spec
+    from ders_megatron.core.config import DeRSConfig
+    from ders_megatron.layers.specs import ders_moe_spec
     from ders_megatron.testing.distributed import model_parallel
     from ders_megatron.testing.models import tiny_config
 
@@ -407,7 +408,7 @@ def megatron_side(config: DeRSFFNConfig, topk: int, state: dict | None = None, x
 
 
 def layout_check_rejects_expert_paths() -> None:
-    from ders_megatron.deepspeed.layer import DeRSMoE, check_checkpoint_layout
+    from ders_megatron.convert.deepspeed.layer import DeRSMoE, check_checkpoint_layout
 
     _init_deepspeed()
     config = _ffn_config("lowrank", "swiglu-top2")
@@ -483,8 +484,8 @@ def test_zero1_world1_trains(ds1):
 @pytest.mark.parametrize("flavour", sorted(FLAVOURS))
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_parameter_accounting_matches_paper_and_megatron(ds1, dist1, kind, flavour):
-    from ders_megatron.accounting import DeltaSpec, MoEShape, added_parameters
-    from ders_megatron.deepspeed import megatron_to_deepspeed
+    from ders_megatron.core.accounting import DeltaSpec, MoEShape, added_parameters
+    from ders_megatron.convert.deepspeed import megatron_to_deepspeed
 
     ds = ds1.run(deepspeed_side, kind, flavour, False)[0]
     config, topk = ds["config"], FLAVOURS[flavour][1]["k"]
@@ -520,7 +521,7 @@ def test_parameter_accounting_matches_paper_and_megatron(ds1, dist1, kind, flavo
 @pytest.mark.parametrize("flavour", sorted(FLAVOURS))
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_conversion_to_megatron_layer_and_back(ds1, dist1, kind, flavour):
-    from ders_megatron.deepspeed import deepspeed_to_megatron, megatron_to_deepspeed
+    from ders_megatron.convert.deepspeed import deepspeed_to_megatron, megatron_to_deepspeed
 
     topk = FLAVOURS[flavour][1]["k"]
     # Built from the same seed and layer number, both paths start from the same layer.
@@ -560,8 +561,8 @@ def test_config_errors_name_the_field():
 
 
 def test_conversion_names_missing_and_misshapen_keys():
-    from ders_megatron.deepspeed import deepspeed_to_megatron
-    from ders_megatron.deepspeed.ffn import DeRSLocalExperts, SharedBase
+    from ders_megatron.convert.deepspeed import deepspeed_to_megatron
+    from ders_megatron.convert.deepspeed.ffn import DeRSLocalExperts, SharedBase
 
     config = _ffn_config("lowrank", "swiglu-top2")
     base = SharedBase(config)

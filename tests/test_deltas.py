@@ -3,19 +3,14 @@
 import pytest
 import torch
 
-from ders_megatron.deltas import (
-    DenseDeltaConfig,
-    LowRankDeltaConfig,
-    SparseDeltaConfig,
-    delta_config,
-    sample_unique,
-)
+from ders_megatron.core.config import DenseDeltaConfig, LowRankDeltaConfig, SparseDeltaConfig, delta_config
+from ders_megatron.core.deltas import build_deltas, sample_unique
 
 CONFIGS = [LowRankDeltaConfig(rank=3, alpha=6.0), SparseDeltaConfig(drop_rate=0.7), DenseDeltaConfig()]
 
 
 def build(config, experts=(0, 1, 2), out=12, inp=10, seed=5, matrix="fc1"):
-    return config.build(list(experts), out, inp, seed=seed, matrix=matrix)
+    return build_deltas(config, list(experts), out, inp, seed=seed, matrix=matrix)
 
 
 def randomized(deltas, seed=0):

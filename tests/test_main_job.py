@@ -1,4 +1,4 @@
-"""The main job (``python -m ders_megatron.main_job``, what ``./main.sh`` runs) end to end
+"""The main job (``python -m ders_megatron.pipeline.main_job``, what ``./main.sh`` runs) end to end
 at a reduced size: a tiny random Llama built offline (hidden 64, 2 layers, a byte-level
 BPE tokenizer trained on the Genesis excerpt) instead of SmolLM2, 4 experts in every
 layer (so the vanilla MoE exports to Mixtral too), 4 iterations of 32 tokens.
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from ders_megatron.pipeline.launch import EXCERPT, REPO, kill_tree, run_bounded
-from ders_megatron.training_utils import TRACKER
+from ders_megatron.training.utils import TRACKER
 
 pytestmark = pytest.mark.slow  # ~2 minutes on 2 CPU cores (4 torchrun jobs, 14 tool runs)
 
@@ -55,7 +55,7 @@ def save_tiny_llama(folder: Path, text: Path, vocab: int = 384) -> None:
 def main_job(workdir: Path, hf_model: Path, *extra) -> tuple[subprocess.CompletedProcess, float]:
     start = time.perf_counter()
     result = run_bounded(
-        [sys.executable, "-m", "ders_megatron.main_job", "--hf-model", str(hf_model), "--workdir", str(workdir),
+        [sys.executable, "-m", "ders_megatron.pipeline.main_job", "--hf-model", str(hf_model), "--workdir", str(workdir),
          *ARGS, *extra],
         timeout=600, env=dict(os.environ, TORCHDYNAMO_DISABLE="1"),
     )
@@ -171,7 +171,7 @@ def test_rerun_skips_every_step(job, tiny_llama):
 
 def test_changed_codec_redoes_only_the_compressed_model(job, tiny_llama):
     workdir, _, _ = job
-    result, _ = main_job(workdir, tiny_llama, "--codec", "dare:0.5")
+    result, _ = main_job(workdir, tiny_llama, "--moe-ders-codecs", "dare:0.5")
     redone = set(re.findall(r"\[\d+/\d+\] (?!skipping)(.*)", result.stdout))
     skipped = set(re.findall(r"\] skipping (\S+) \(done\)", result.stdout))
     assert {"compress", "eval-compressed", "export-compressed", "hf-check-compressed"}.isdisjoint(skipped)
@@ -187,7 +187,7 @@ def test_changed_codec_redoes_only_the_compressed_model(job, tiny_llama):
     (["--moe-router-topk", "1"], "--moe-router-topk 1"),
 ])
 def test_bad_settings_stop_before_any_work(tmp_path, flags, message):
-    result = subprocess.run([sys.executable, "-m", "ders_megatron.main_job", "--workdir", str(tmp_path / "w"), *flags],
+    result = subprocess.run([sys.executable, "-m", "ders_megatron.pipeline.main_job", "--workdir", str(tmp_path / "w"), *flags],
                             capture_output=True, text=True, timeout=120, cwd=REPO)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert not (tmp_path / "w").exists()
@@ -215,7 +215,7 @@ def test_sigterm_ends_the_running_step_and_every_process_it_started(tmp_path, ti
     import psutil
 
     workdir = tmp_path / "w"
-    cmd = [sys.executable, "-m", "ders_megatron.main_job", "--hf-model", str(tiny_llama), "--workdir", str(workdir),
+    cmd = [sys.executable, "-m", "ders_megatron.pipeline.main_job", "--hf-model", str(tiny_llama), "--workdir", str(workdir),
            *ARGS]
     with open(tmp_path / "job.log", "w") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,

@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 import preprocess_data  # noqa: E402
 
-from ders_megatron.data import BYTE_EOD, read_documents  # noqa: E402
+from ders_megatron.training.data import BYTE_EOD, read_documents  # noqa: E402
 
 TEXT = "In the beginning God created the heaven and the earth.\nAnd the earth was without form.\n\n" \
        "And God said, Let there be light: and there was light. \u00e9\n"

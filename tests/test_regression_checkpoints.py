@@ -11,7 +11,7 @@ def load_and_compare(kind, layout):
     import torch
     from safetensors.torch import load_file
 
-    from ders_megatron.checkpoint import load_model
+    from ders_megatron.io.checkpoint import load_model
     from ders_megatron.testing.distributed import model_parallel
     from ders_megatron.testing.models import build_gpt, tiny_config
     from regression import config_overrides, ders_for, logits_of

@@ -9,7 +9,7 @@ import torch
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-mode hint only applies without CUDA")
 def test_entry_point_without_cpu_mode_names_the_flag():
-    code = "from ders_megatron.runtime import select_runtime; select_runtime(cpu=False)"
+    code = "from ders_megatron.layers.runtime import select_runtime; select_runtime(cpu=False)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "pass --cpu" in result.stderr and "enable_cpu_runtime()" in result.stderr
@@ -18,7 +18,7 @@ def test_entry_point_without_cpu_mode_names_the_flag():
 def test_cpu_mode_is_a_function_and_idempotent():
     code = (
         "import torch\n"
-        "from ders_megatron.runtime import select_runtime, cpu_runtime_enabled, enable_cpu_runtime\n"
+        "from ders_megatron.layers.runtime import select_runtime, cpu_runtime_enabled, enable_cpu_runtime\n"
         "device = select_runtime(cpu=True)\n"
         "assert enable_cpu_runtime() == (not torch.cuda.is_available())\n"
         "assert cpu_runtime_enabled() == (not torch.cuda.is_available())\n"

@@ -142,8 +142,8 @@ def test_distributed_optimizer_matches_plain(dist2, layout):
 
 @pytest.mark.parametrize("layout", [dict(ep=2), dict(tp=2)], ids=["ep2", "tp2"])
 def test_distributed_optimizer_with_ders_experts(dist2, layout):
-    from ders_megatron.deltas import SparseDeltaConfig
-    from ders_megatron.experts import DeRSConfig
+    from ders_megatron.core.config import SparseDeltaConfig
+    from ders_megatron.core.config import DeRSConfig
 
     dist2.run(distributed_optimizer_parity, layout, DeRSConfig(delta=SparseDeltaConfig(drop_rate=0.9)))
     dist2.run(distributed_optimizer_parity, layout, DeRSConfig())

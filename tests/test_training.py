@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from ders_megatron.main_job import EXCERPT, PRETRAIN, REPO, TINY_MODEL, device_flags, torchrun
+from ders_megatron.pipeline.main_job import EXCERPT, PRETRAIN, REPO, TINY_MODEL, device_flags, torchrun
 from ders_megatron.pipeline.launch import kill_tree
-from ders_megatron.training_utils import (
+from ders_megatron.training.utils import (
     TRACKER,
     IncompleteCheckpointError,
     _AtomicTrackerStorage,
@@ -109,7 +109,7 @@ def test_checkpoint_saved_at_tp2_resumes_at_tp1(runs, reference, tp2):
     assert_close(losses, {i: reference[i] for i in (4, 5, 6)}, LAYOUT_RTOL)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("ders_megatron.fused") is None,
+@pytest.mark.skipif(importlib.util.find_spec("ders_megatron.layers.fused") is None,
                     reason="the fused DeRS layer is not in this checkout")
 def test_fused_impl_matches_dropin(runs, reference):
     """--moe-ders-impl fused at TP=2+SP: same math as the drop-in experts at TP=1."""
@@ -136,8 +136,9 @@ def _plain_tensors(ckpt_dir, argv):
     import torch
     from megatron.core import dist_checkpointing
 
-    from ders_megatron.arguments import validated_args
-    from ders_megatron.model_provider import build_gpt_model
+    from ders_megatron.training.arguments import validated_args
+    from ders_megatron.core.config import ders_config_from_args
+    from ders_megatron.io.model import build_gpt
     from ders_megatron.testing.distributed import model_parallel
 
     step = (Path(ckpt_dir) / TRACKER).read_text().strip()
@@ -146,7 +147,7 @@ def _plain_tensors(ckpt_dir, argv):
     args = validated_args(argv, {"eval_interval": 1000})
     args.padded_vocab_size = 512
     with model_parallel():
-        fresh = build_gpt_model(args)
+        fresh = build_gpt(args, ders=ders_config_from_args(args))
     layers = fresh.decoder.layers
     initial = {
         f"decoder.layers.mlp.experts.{n}.weight": torch.stack(
@@ -284,6 +285,17 @@ def test_load_of_partial_checkpoint_fails_before_any_work(tmp_path):
     assert "initializing torch distributed" not in result.stdout
 
 
+def test_load_with_other_ders_flags_fails_before_any_work():
+    """--load of a DeRS checkpoint with another rank and alpha: each flag named, nothing started."""
+    golden = Path(__file__).resolve().parent / "data" / "golden" / "lowrank"  # rank 2, alpha 4 (tests/golden.py)
+    flags = [*MOCK, "--moe-ders", "lowrank", "--moe-ders-rank", "4", "--train-iters", "6", "--load", golden]
+    result = _entry_point(flags)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "--moe-ders-rank: run 4, checkpoint 2" in result.stderr
+    assert "--moe-ders-alpha: run (not set), checkpoint 4.0" in result.stderr
+    assert "initializing torch distributed" not in result.stdout
+
+
 # --------------------------------------------------------------------------- #
 # Memory: DeRS-LM ~ dense, vanilla upcycling grows with the experts
 # --------------------------------------------------------------------------- #
@@ -296,10 +308,11 @@ MEMORY_MODEL = (
 
 def _state_memory(variants):
     """Runs on a gloo rank: real models' census and params+grads+Adam bytes per variant."""
-    from ders_megatron.arguments import validated_args
-    from ders_megatron.model_provider import build_gpt_model
+    from ders_megatron.training.arguments import validated_args
+    from ders_megatron.core.config import ders_config_from_args
+    from ders_megatron.io.model import build_gpt
     from ders_megatron.testing.distributed import model_parallel
-    from ders_megatron.training_utils import (
+    from ders_megatron.training.utils import (
         accounting_delta,
         accounting_shape,
         parameter_census,
@@ -311,10 +324,10 @@ def _state_memory(variants):
         args = validated_args(MEMORY_MODEL + extra, {"eval_interval": 1000})
         args.padded_vocab_size = 512
         with model_parallel():
-            census = parameter_census([build_gpt_model(args)])
+            census = parameter_census([build_gpt(args, ders=ders_config_from_args(args))])
         added = None
         if args.num_experts:
-            from ders_megatron.accounting import added_parameters
+            from ders_megatron.core.accounting import added_parameters
 
             added = added_parameters(accounting_shape(args), accounting_delta(args)).added_params
         out[name] = (census, training_state_bytes(census, args), added)

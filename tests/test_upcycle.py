@@ -36,14 +36,14 @@ def dense_tp2(dist2, tmp_path_factory, dense_args):
 # Test bodies (run on the rank pools)
 # --------------------------------------------------------------------------- #
 def run_upcycle(dense_root, out_root, **config):
-    from ders_megatron.upcycle import UpcycleConfig, upcycle_checkpoint
+    from ders_megatron.convert.upcycle import UpcycleConfig, upcycle_checkpoint
 
     return upcycle_checkpoint(dense_root, out_root, UpcycleConfig(**config))
 
 
 def load_logits(root, layouts):
     """Logits of the checkpoint loaded at each layout (the model built from its args)."""
-    from ders_megatron.checkpoint import load_common, load_model
+    from ders_megatron.io.checkpoint import load_common, load_model
     from ders_megatron.testing.distributed import model_parallel
 
     args = load_common(root)["args"]
@@ -60,9 +60,9 @@ def in_memory_matches_offline(dense_root, moe_root, layout):
     """upcycle_state_into_model at ``layout`` == the offline checkpoint loaded there."""
     import torch
 
-    from ders_megatron.checkpoint import load_common, load_model
+    from ders_megatron.io.checkpoint import load_common, load_model
     from ders_megatron.testing.distributed import model_parallel
-    from ders_megatron.upcycle import upcycle_state_into_model
+    from ders_megatron.convert.upcycle import upcycle_state_into_model
 
     args = load_common(moe_root)["args"]
     with model_parallel(**layout, seed=5):
@@ -146,8 +146,8 @@ def torch_assert_close(actual, expected):
 # --------------------------------------------------------------------------- #
 def streamed_upcycle(dense_root, out_root):
     """Count how the writer computes values: once per parameter, in plan order."""
-    from ders_megatron.compress import streaming
-    from ders_megatron.upcycle import UpcycleConfig, upcycle_checkpoint
+    from ders_megatron.io import streaming
+    from ders_megatron.convert.upcycle import UpcycleConfig, upcycle_checkpoint
 
     calls = []
     original = streaming.LazyCheckpointWriter._chunk_data
@@ -184,7 +184,7 @@ def cli(argv):
     import contextlib
     import io
 
-    from ders_megatron.upcycle import main
+    from ders_megatron.cli.upcycle import main
 
     err, out = io.StringIO(), io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
@@ -228,6 +228,7 @@ def _truncate_tensors(root):
         ("rank-too-large", "--moe-ders-rank 40 exceeds"),
         ("top1-renormalized", "--moe-router-topk 1 needs softmax before top-k"),
         ("drop-keeps-nothing", "keeps no element"),
+        ("rank-with-vanilla", "--moe-ders-rank applies to --moe-ders lowrank only, not vanilla"),
     ],
 )
 def test_bad_input_fails_clearly_without_output(dist1, dense_tp2, tmp_path, case, message):
@@ -248,7 +249,9 @@ def test_bad_input_fails_clearly_without_output(dist1, dense_tp2, tmp_path, case
     elif case == "ep-not-divisible":
         source, extra = dense_root, ["--target-ep", "3"]
     elif case == "rank-too-large":
-        source, extra = dense_root, ["--moe-ders-rank", "40"]
+        source, extra = dense_root, ["--moe-ders", "lowrank", "--moe-ders-rank", "40"]
+    elif case == "rank-with-vanilla":  # the default kind: the rank would be silently ignored
+        source, extra = dense_root, ["--moe-ders-rank", "8"]
     elif case == "top1-renormalized":
         source, extra = dense_root, ["--moe-router-topk", "1"]
     elif case == "drop-keeps-nothing":
@@ -262,25 +265,25 @@ def test_bad_input_fails_clearly_without_output(dist1, dense_tp2, tmp_path, case
 
 
 def test_cli_flags_are_frozen():
-    from ders_megatron.upcycle import build_parser
+    from ders_megatron.cli.upcycle import build_parser
 
     flags = sorted(o for a in build_parser()._actions for o in a.option_strings)
     assert flags == sorted([
         "-h", "--help", "--load", "--save", "--force", "--moe-ders", "--num-experts", "--moe-router-topk",
         "--moe-layer-freq", "--moe-ders-rank", "--moe-ders-alpha", "--moe-ders-drop-rate", "--moe-ders-seed",
-        "--moe-ders-impl", "--moe-ders-freeze-base", "--shared-expert", "--moe-shared-expert-gate",
+        "--moe-ders-impl", "--moe-ders-freeze-base", "--moe-ders-shared-expert", "--moe-shared-expert-gate",
         "--shared-expert-init", "--router-init-std", "--no-renormalize-topk", "--moe-token-dispatcher-type",
         "--transformer-impl", "--target-tp", "--target-ep", "--target-etp", "--file-bytes", "--json",
     ])
 
 
 def test_moe_args_carry_the_training_flag_names(dense_args):
-    from ders_megatron.arguments import ders_config_from_args
-    from ders_megatron.upcycle import UpcycleConfig, moe_args
+    from ders_megatron.convert.upcycle import UpcycleConfig, moe_args
+    from ders_megatron.core.config import ders_config_from_args
 
     args = moe_args(dense_args, UpcycleConfig(kind="sparse", num_experts=4, drop_rate=0.9, seed=7,
                                               shared_expert="ders"))
     assert (args.num_experts, args.moe_ffn_hidden_size, args.moe_router_pre_softmax) == (4, 64, False)
-    assert args.moe_shared_expert_intermediate_size == 64 and args.moe_ders_shared_expert
+    assert args.moe_shared_expert_intermediate_size == 64 and args.moe_ders_shared_expert == "ders"
     ders = ders_config_from_args(args)  # what the training script will build
     assert ders.delta.drop_rate == 0.9 and ders.seed == 7 and ders.extended_shared_expert

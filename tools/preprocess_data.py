@@ -6,7 +6,7 @@
 
 Then train with ``--data-path PREFIX`` and the tokenizer flags this prints
 (also written to ``PREFIX.json``), e.g. ``--tokenizer-type NullTokenizer
---vocab-size 257`` for bytes. The logic is in :mod:`ders_megatron.data`.
+--vocab-size 257`` for bytes. The logic is in :mod:`ders_megatron.training.data`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ders_megatron.data import SPLITS
+    from ders_megatron.training.data import SPLITS
 
     p = argparse.ArgumentParser(prog="preprocess_data", description=__doc__.split("\n\n")[0])
     p.add_argument("--input", required=True, nargs="+",
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def preprocess(args) -> dict:
     """Tokenize ``args.input`` into ``args.output_prefix``; returns the summary written to JSON."""
-    from ders_megatron.data import (
+    from ders_megatron.training.data import (
         load_tokenizer,
         read_documents,
         training_tokenizer_flags,

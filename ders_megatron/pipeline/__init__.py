@@ -1,4 +1,4 @@
-"""The main job's pipeline (``./main.sh``, :mod:`ders_megatron.main_job`).
+"""The main job's pipeline (``./main.sh``, :mod:`ders_megatron.pipeline.main_job`).
 
 ==================  ==========================================================
 ``config``          :class:`PipelineConfig` (every flag of the main job), the variants

@@ -5,13 +5,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ders_megatron.core.config import DEFAULTS
+
 VARIANTS = ("dense", "vanilla", "lowrank", "sparse")
 DEFAULT_WORKDIR = Path(__file__).resolve().parents[2] / "runs" / "main_job"
 
 
 @dataclass(frozen=True, kw_only=True)
 class PipelineConfig:
-    """What ``./main.sh`` runs; each field is a flag of ``ders_megatron.main_job``.
+    """What ``./main.sh`` runs; each field is a flag of ``ders_megatron.pipeline.main_job``.
 
     Defaults fit SmolLM2-135M on 2 CPU cores (docs/main_job.md says why).
     """
@@ -26,9 +28,9 @@ class PipelineConfig:
     num_experts: int = 8  # --num-experts
     topk: int = 2  # --moe-router-topk
     moe_layer_freq: int | tuple[int, ...] = 2  # --moe-layer-freq
-    rank: int = 4  # --moe-ders-rank (DeRS-LM)
-    drop_rate: float = 0.99  # --moe-ders-drop-rate (DeRS-SM)
-    codec: str = "dare:0.9"  # --codec (compression of the trained vanilla MoE, dense base)
+    rank: int = DEFAULTS["rank"]  # --moe-ders-rank (DeRS-LM)
+    drop_rate: float = DEFAULTS["drop_rate"]  # --moe-ders-drop-rate (DeRS-SM)
+    codec: str = "dare:0.9"  # --moe-ders-codecs (compression of the trained vanilla MoE, dense base)
     sweep_codecs: str = "dare:0.5,dare:0.9,dare:0.99"  # --sweep-codecs (tools/analyze.py sweep)
     iters: int = 30  # --iters
     seq_length: int = 128  # --seq-length

@@ -33,10 +33,10 @@ LOGITS_RTOL = 1e-4
 def checkpoint_size(root) -> dict:
     """Floating-point parameters and bytes of every model tensor in a checkpoint
     (sparse seeds, indices and packed codes count in bytes, not parameters)."""
-    from ders_megatron.compress.streaming import checkpoint_shapes
+    from ders_megatron.io.checkpoint import tensor_shapes
 
     params = nbytes = 0
-    for key, (shape, dtype) in checkpoint_shapes(root).items():
+    for key, (shape, dtype) in tensor_shapes(root).items():
         if key.startswith("optimizer."):
             continue
         numel = int(torch.Size(shape).numel())
@@ -49,11 +49,12 @@ def evaluate_checkpoint(root: Path, heldout_prefix: Path, seq_length: int, batch
     """Held-out loss of the checkpoint at ``root``; saves the probe window's logits."""
     from tqdm.auto import tqdm
 
-    from ders_megatron.checkpoint import load_common, load_model
-    from ders_megatron.compress.calibration import evaluate, load_tokens, token_batches
-    from ders_megatron.hf.megatron_model import gpt_from_args, megatron_logits, megatron_process
+    from ders_megatron.io.checkpoint import load_common, load_model
+    from ders_megatron.convert.compress.calibration import evaluate, load_tokens, token_batches
+    from ders_megatron.convert.hf.megatron_model import gpt_from_args, megatron_logits
+    from ders_megatron.io.session import single_rank_megatron
 
-    with megatron_process():
+    with single_rank_megatron():
         args = load_common(root)["args"]
         model = gpt_from_args(args)
         load_model(model, root)

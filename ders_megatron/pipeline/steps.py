@@ -36,7 +36,7 @@ def _sha256(path: Path) -> str:
 
 
 def _checkpoint_complete(root: Path) -> bool:
-    from ders_megatron.checkpoint import CheckpointError, latest_dir
+    from ders_megatron.io.checkpoint import CheckpointError, latest_dir
 
     try:
         latest_dir(root)
@@ -176,15 +176,15 @@ class Pipeline:
 
     def _compress(self) -> Step:
         out, report = self.ckpt / "compressed", self.eval_dir / "compress.json"
-        args = ["compress", "--load", self.trained("vanilla"), "--save", out, "--codec", self.cfg.codec,
-                "--base", "dense", "--dense", self.dense, "--seed", self.cfg.seed, "--json", report]
+        args = ["compress", "--load", self.trained("vanilla"), "--save", out, "--moe-ders-codecs", self.cfg.codec,
+                "--base", "dense", "--dense", self.dense, "--moe-ders-seed", self.cfg.seed, "--json", report]
 
         def run():
             self.eval_dir.mkdir(parents=True, exist_ok=True)
             self._tool("compress", *args)
             return {k: v for k, v in json.loads(report.read_text()).items() if k != "layers"}
 
-        return Step("compress", f"tools/compress.py --codec {self.cfg.codec} --base dense (trained vanilla MoE)",
+        return Step("compress", f"tools/compress.py --moe-ders-codecs {self.cfg.codec} --base dense (trained vanilla MoE)",
                     run, outputs=(out, report), complete=lambda: report.is_file() and _checkpoint_complete(out),
                     deps=("train-vanilla", "import"), settings={"codec": self.cfg.codec})
 
@@ -251,7 +251,7 @@ class Pipeline:
         png, js = self.plots / "sweep.png", self.plots / "sweep.json"
         cfg = self.cfg
         args = ["analyze", "sweep", "--load", self.trained("vanilla"), "--base", "dense", "--dense", self.dense,
-                "--codecs", cfg.sweep_codecs, "--eval-data", self.data_dir / "heldout", "--seed", cfg.seed,
+                "--sweep-codecs", cfg.sweep_codecs, "--eval-data", self.data_dir / "heldout", "--moe-ders-seed", cfg.seed,
                 "--seq-length", cfg.seq_length, "--eval-batches", cfg.eval_batches, "--out", png, "--json", js]
 
         def run():

@@ -77,7 +77,7 @@ def split_heldout(source: Path, out_dir: Path, fraction: float) -> dict:
     """Documents of ``source`` (blank-line separated ``.txt``, or ``.jsonl`` with
     ``text``) into ``train.jsonl`` and ``heldout.jsonl``: every ``round(1/fraction)``-th
     document is held out, spread over the whole text. Returns the counts."""
-    from ders_megatron.data import read_documents
+    from ders_megatron.training.data import read_documents
 
     docs = list(read_documents(source))
     if len(docs) < 2:

@@ -23,9 +23,9 @@ ITER_MS = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*elapsed time per iteration \
 
 def model_flags(checkpoint: Path) -> list[str]:
     """The Megatron flags of the model a checkpoint holds (its shape, MoE and DeRS settings)."""
-    from ders_megatron.checkpoint import load_common
-    from ders_megatron.hf.dims import ModelDims
-    from ders_megatron.hf.megatron_model import megatron_argv
+    from ders_megatron.io.checkpoint import load_common
+    from ders_megatron.convert.hf.dims import ModelDims
+    from ders_megatron.convert.hf.megatron_model import megatron_argv
 
     return megatron_argv(ModelDims.from_args(load_common(checkpoint)["args"]))
 
@@ -76,7 +76,7 @@ def _progress(loss_log: Path):
 def train(cfg: PipelineConfig, name: str, load: Path, save: Path, data_json: Path, out_dir: Path, log: Path,
           moe: bool) -> dict:
     """Fine-tune ``load`` into ``save``; returns (and writes ``out_dir/<name>.json``) the summary."""
-    from ders_megatron.training_utils import read_loss_log
+    from ders_megatron.training.utils import read_loss_log
 
     out_dir.mkdir(parents=True, exist_ok=True)
     loss_log = out_dir / f"{name}.losses.jsonl"

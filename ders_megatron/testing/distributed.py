@@ -21,11 +21,12 @@ import contextlib
 import multiprocessing as mp
 import os
 import queue
-import socket
 import sys
 import time
 import traceback
 from typing import Any, Callable
+
+from ders_megatron.io.session import free_port  # noqa: F401  (re-exported for tests)
 
 DEFAULT_TIMEOUT_S = 300.0
 MAX_WORKER_THREADS = 300
@@ -36,13 +37,6 @@ class RankFailure(RuntimeError):
     """A test body raised on at least one rank."""
 
 
-def free_port() -> int:
-    """A free TCP port on the loopback interface."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def init_process_group(rank: int, world_size: int, port: int, cpu_runtime: bool = True) -> None:
     """A gloo (nccl with CUDA) rank; with ``cpu_runtime`` megatron-core's CPU runtime on.
 
@@ -51,7 +45,7 @@ def init_process_group(rank: int, world_size: int, port: int, cpu_runtime: bool 
     """
     import torch.distributed as dist
 
-    from ders_megatron.runtime import distributed_backend, enable_cpu_runtime
+    from ders_megatron.layers.runtime import distributed_backend, enable_cpu_runtime
 
     if cpu_runtime:
         enable_cpu_runtime()

@@ -53,7 +53,7 @@ def tiny_config(**overrides) -> TransformerConfig:
 
 def build_gpt(config: TransformerConfig, ders=None, pre_process=None, post_process=None, vp_stage=None):
     """A megatron-core GPTModel whose MoE layers are vanilla (``ders=None``) or DeRS."""
-    from ders_megatron.specs import gpt_block_spec
+    from ders_megatron.layers.specs import gpt_block_spec
 
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)

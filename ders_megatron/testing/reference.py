@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ders_megatron.deltas import DenseDeltas, LowRankDeltas, SparseDeltas
-from ders_megatron.specs import ders_moe_spec, vanilla_moe_spec
+from ders_megatron.core.deltas import DenseDeltas, LowRankDeltas, SparseDeltas
+from ders_megatron.layers.specs import ders_moe_spec, vanilla_moe_spec
 
 
 def build_moe_layers(config, ders, layer_number: int = 1):

@@ -2,7 +2,7 @@
 
 Each block is ``x + DeRSMoE(LayerNorm(x))``: DeepSpeed's own MoE layer (gate,
 all-to-all, expert-parallel groups) whose experts are one shared base FFN plus a
-light delta per expert (``ders_megatron/deepspeed/``). The data is synthetic
+light delta per expert (``ders_megatron/convert/deepspeed/``). The data is synthetic
 (``label = (5 * token + 3) mod vocab``), so the loss falls within a few dozen steps.
 
     # one CPU process
@@ -35,8 +35,8 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # run from a checkout without installing
 
-from ders_megatron.deltas import delta_config  # noqa: E402
-from ders_megatron.deepspeed.ffn import DeRSFFNConfig  # noqa: E402
+from ders_megatron.core.config import delta_config  # noqa: E402
+from ders_megatron.convert.deepspeed.ffn import DeRSFFNConfig  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,7 +86,7 @@ def ffn_config(args, layer_number: int) -> DeRSFFNConfig:
 class Block(nn.Module):
     def __init__(self, args, layer_number: int):
         super().__init__()
-        from ders_megatron.deepspeed.layer import DeRSMoE
+        from ders_megatron.convert.deepspeed.layer import DeRSMoE
 
         self.norm = nn.LayerNorm(args.hidden)
         # Attribute names on the path to a DeRS layer must not contain "expert"
@@ -127,7 +127,7 @@ class TinyMoELM(nn.Module):
 def build_model(args) -> TinyMoELM:
     """Same weights on every rank for a seed: non-expert ones from the torch seed, DeRS base and
     deltas from seeds derived per (layer, global expert, matrix)."""
-    from ders_megatron.deepspeed.layer import check_checkpoint_layout
+    from ders_megatron.convert.deepspeed.layer import check_checkpoint_layout
 
     torch.manual_seed(args.seed)
     model = TinyMoELM(args)

@@ -1,0 +1,66 @@
+"""``tools/compress.py`` (``ders-compress``): a trained vanilla MoE checkpoint -> a DeRS
+checkpoint of compressed deltas, over :func:`ders_megatron.convert.compress.pipeline.compress_checkpoint`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ders_megatron.cli.flags import add_codec_flags, add_seed_flag, add_shared_expert_flag
+from ders_megatron.convert.compress.pipeline import SHARED_MODES, CompressConfig, compress_checkpoint
+from ders_megatron.convert.compress.report import format_report
+from ders_megatron.core.decomposition import BASES
+from ders_megatron.io.checkpoint import CheckpointError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="compress",
+        description="DeRS compression of a trained vanilla MoE megatron checkpoint: one shared base "
+        "(the dense FFN, the expert mean, or a Fisher-weighted mean) plus compressed per-expert deltas.",
+    )
+    p.add_argument("--load", required=True, metavar="DIR", help="trained vanilla MoE checkpoint root")
+    p.add_argument("--save", required=True, metavar="DIR", help="output DeRS checkpoint root")
+    p.add_argument("--force", action="store_true", help="replace an existing --save directory")
+    add_codec_flags(p, required=True)
+    p.add_argument("--base", choices=BASES, default="mean",
+                   help="dense: the upcycling source (--dense); mean: expert mean; fisher: D2-MoE "
+                   "Fisher-weighted mean (--calib-data)")
+    p.add_argument("--dense", default=None, metavar="DIR", help="dense checkpoint for --base dense")
+    add_seed_flag(p, "seed of DARE's kept positions")
+    add_shared_expert_flag(p, choices=SHARED_MODES, default="full",
+                           help_text="full keeps the checkpoint's shared expert (if any) as it is; ders folds it in.")
+    p.add_argument("--calib-data", default=None, metavar="FILE",
+                   help="token ids (.npy/.pt/.txt bytes, or an indexed dataset prefix) for fisher/wsvd")
+    p.add_argument("--eval-data", default=None, metavar="FILE", help="held-out token ids: loss before/after")
+    p.add_argument("--seq-length", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--calib-batches", type=int, default=8)
+    p.add_argument("--eval-batches", type=int, default=16)
+    p.add_argument("--file-bytes", type=int, default=None, help="max bytes per output file")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the report as JSON")
+    return p
+
+
+def main(argv=None) -> int:
+    import json
+    import sys
+
+    ns = build_parser().parse_args(argv)
+    try:
+        cfg = CompressConfig(
+            codecs=ns.moe_ders_codecs, base=ns.base, dense_root=ns.dense, seed=ns.moe_ders_seed,
+            group_size=ns.moe_ders_quant_group_size, shared_expert=ns.moe_ders_shared_expert, calib_data=ns.calib_data, eval_data=ns.eval_data,
+            seq_length=ns.seq_length, batch_size=ns.batch_size, calib_batches=ns.calib_batches,
+            eval_batches=ns.eval_batches,
+        )
+        report = compress_checkpoint(ns.load, ns.save, cfg, force=ns.force, file_bytes=ns.file_bytes)
+    except (CheckpointError, ValueError) as err:
+        print(f"compress: error: {err}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    if ns.json:
+        Path(ns.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+

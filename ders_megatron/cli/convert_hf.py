@@ -1,0 +1,89 @@
+"""``convert_hf``: Hugging Face <-> megatron-core checkpoints (``tools/convert_hf.py``).
+
+    convert_hf.py import --hf-dir DIR --output CKPT [--make-vocab-size-divisible-by 128]
+                         [--tensor-model-parallel-size 1] [--force]
+    convert_hf.py export --checkpoint CKPT --output DIR --format {mixtral,qwen2_moe,ders,llama,qwen2}
+                         [--tokenizer DIR] [--max-shard-size 5GB] [--dtype ...] [--force]
+
+Bad input (unknown architecture or format, a checkpoint without MoE for a MoE
+format, an existing output without --force) ends with ``error: ...`` and exit
+status 2, leaving nothing behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ders_megatron.convert.hf.dims import EXPORT_FORMATS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="convert_hf", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    imp = sub.add_parser("import", help="HF folder (Llama, Mistral, Qwen2, Mixtral, Qwen2-MoE) -> Megatron checkpoint")
+    imp.add_argument("--hf-dir", required=True, help="Hugging Face model folder (config.json + weights)")
+    imp.add_argument("--output", required=True, help="Megatron checkpoint root to write (use with --load)")
+    imp.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                     help="pad the vocabulary as Megatron does (times --tensor-model-parallel-size)")
+    imp.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                     help="the TP size you will train with (only the vocabulary padding depends on it)")
+    imp.add_argument("--force", action="store_true", help="replace an existing --output")
+
+    exp = sub.add_parser("export", help="Megatron checkpoint -> HF folder")
+    exp.add_argument("--checkpoint", required=True, help="Megatron checkpoint root (any TP/EP/PP layout)")
+    exp.add_argument("--output", required=True, help="Hugging Face folder to write")
+    exp.add_argument("--format", required=True, help=f"one of {', '.join(EXPORT_FORMATS)}")
+    exp.add_argument("--tokenizer", default=None,
+                     help="folder with tokenizer files to copy (default: <checkpoint>/hf from our import, "
+                     "else the checkpoint's --tokenizer-model folder)")
+    exp.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB")
+    exp.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                     help="dtype of the written weights (default: the checkpoint's)")
+    exp.add_argument("--force", action="store_true", help="replace an existing --output")
+    exp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def run(args: argparse.Namespace):
+    if args.command == "import":
+        from ders_megatron.convert.hf.importer import import_hf
+
+        return import_hf(
+            args.hf_dir,
+            args.output,
+            make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+            tensor_parallel_size=args.tensor_model_parallel_size,
+            force=args.force,
+        )
+    from ders_megatron.convert.hf.exporter import export_hf
+
+    return export_hf(
+        args.checkpoint,
+        args.output,
+        fmt=args.format,
+        tokenizer=args.tokenizer,
+        max_shard_size=args.max_shard_size,
+        dtype=args.dtype,
+        force=args.force,
+        progress=not args.no_progress,
+    )
+
+
+def main(argv=None) -> int:
+    from ders_megatron.io.checkpoint import CheckpointError
+    from ders_megatron.convert.hf.dims import ConversionError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        out = run(args)
+    except (ConversionError, CheckpointError) as err:
+        parser.exit(2, f"{parser.prog} {args.command}: error: {err}\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

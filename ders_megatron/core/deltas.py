@@ -1,0 +1,392 @@
+"""DeRS delta kinds: light per-expert deltas over one shared base weight.
+
+Every expert matrix is ``W_e = W_base + Δ_e`` (paper Eq. 2-4). This module holds
+the Δ_e of all local experts for ONE matrix (fc1 or fc2) and knows nothing of
+ranks: tensor parallelism asks for a ``rows``/``cols`` slice of Δ_e that matches
+its base shard, expert parallelism decides which global experts to build
+(:mod:`ders_megatron.layers.experts` does both).
+
+Kinds (their config dataclasses, validated with errors that name the flag, are in
+:mod:`ders_megatron.core.config`, which builds these modules):
+
+* ``lowrank`` (DeRS-LM): Δ_e = s · B_e A_e, rank r, A random (LoRA's
+  kaiming-uniform), B zero, so Δ_e = 0 at step 0; s = α / r if α is given.
+* ``sparse`` (DeRS-SM): trainable values at a fixed random set of positions,
+  density 1 - p; zero-initialised; positions derived from a seed plus
+  (layer, expert, matrix), so checkpoints store the seed, not the indices.
+* ``dense``: a full Δ_e (vanilla upcycling written as base + delta); the
+  reference every light kind is tested against.
+
+Shapes: ``E`` local experts, ``O`` out features, ``I`` in features, ``T`` tokens,
+``R`` rank, ``K`` kept values per matrix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+def derive_seed(seed: int, layer: int, expert: int, matrix: str) -> int:
+    """A stable 63-bit seed for one (layer, global expert, matrix): same on every rank."""
+    digest = hashlib.sha256(f"{seed}/{layer}/{expert}/{matrix}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def _as_slice(index: slice | None, size: int) -> tuple[int, int]:
+    start, stop, step = (index or slice(None)).indices(size)
+    if step != 1:
+        raise ValueError("delta slices must be contiguous")
+    return start, stop
+
+
+# --------------------------------------------------------------------------- #
+# Modules
+# --------------------------------------------------------------------------- #
+class ExpertDeltas(nn.Module):
+    """Δ_e for the experts ``expert_ids`` (global indices) of one [O, I] matrix.
+
+    The one delta API (as PEFT's LoRA layer): :meth:`delta_weight`,
+    :meth:`apply_delta`, :meth:`merge`, :meth:`num_values`, :meth:`index_bytes`.
+    """
+
+    def __init__(self, config, expert_ids, out_features, in_features, *, seed, matrix, dtype):
+        super().__init__()
+        self.config = config
+        self.expert_ids = list(expert_ids)
+        self.out_features = out_features
+        self.in_features = in_features
+        self.matrix = matrix
+        self.seed = seed
+        self.dtype = dtype
+        self.layer = 0
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.expert_ids)
+
+    def expert_seed(self, local_expert: int) -> int:
+        return derive_seed(self.seed, self.layer, self.expert_ids[local_expert], self.matrix)
+
+    def set_layer_number(self, layer: int) -> None:
+        """Positions and random init depend on the global layer: re-derive them."""
+        self.layer = layer
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        raise NotImplementedError
+
+    def delta_weight(self, expert: int, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
+        """Δ_e[rows, cols] as a dense [O', I'] tensor, accumulated in fp32."""
+        raise NotImplementedError
+
+    def apply_delta(self, x: torch.Tensor, expert: int, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
+        """x @ Δ_e[rows, cols]^T for x [T, I'] -> [T, O'], without materializing Δ where avoidable."""
+        return x @ self.delta_weight(expert, rows, cols).to(x.dtype).t()
+
+    @torch.no_grad()
+    def merge(self, base: torch.Tensor, expert: int, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
+        """W_base + Δ_e[rows, cols] in fp32, cast back to the base dtype; refuses non-finite
+        results. ``base`` is the matching [O', I'] slice (e.g. this rank's TP shard)."""
+        merged = base.float() + self.delta_weight(expert, rows, cols).float()
+        if not torch.isfinite(merged).all():
+            raise ValueError(f"merging the {self.matrix} delta of expert {self.expert_ids[expert]} gives non-finite values")
+        return merged.to(base.dtype)
+
+    def num_values(self) -> int:
+        """Trainable/stored values (the paper's "added parameters" of this matrix)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def index_bytes(self) -> int:
+        """Bytes of fixed position metadata stored in a checkpoint (not parameters)."""
+        return 0
+
+
+class LowRankDeltas(ExpertDeltas):
+    def __init__(self, config, expert_ids, out_features, in_features, *, seed, matrix, dtype):
+        super().__init__(config, expert_ids, out_features, in_features, seed=seed, matrix=matrix, dtype=dtype)
+        if config.rank > min(out_features, in_features):
+            raise ValueError(
+                f"--moe-ders-rank {config.rank} exceeds min(out, in) = "
+                f"{min(out_features, in_features)} of the {matrix} matrix [{out_features}, {in_features}]"
+            )
+        self.scale = config.scale
+        E, R = self.num_experts, config.rank
+        self.lora_A = nn.Parameter(torch.empty(E, R, in_features, dtype=dtype))  # [E, R, I]
+        self.lora_B = nn.Parameter(torch.empty(E, out_features, R, dtype=dtype))  # [E, O, R]
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        # LoRA's init: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(I), 1/sqrt(I)); B = 0.
+        bound = 1.0 / math.sqrt(self.in_features)
+        for e in range(self.num_experts):
+            gen = _generator(self.expert_seed(e))
+            a_RI = torch.rand(self.lora_A.shape[1:], generator=gen, dtype=torch.float32) * 2 * bound - bound
+            self.lora_A[e].copy_(a_RI)
+        self.lora_B.zero_()
+
+    def delta_weight(self, expert, rows=None, cols=None):
+        b_OR = self.lora_B[expert, rows or slice(None)].float()
+        a_RI = self.lora_A[expert, :, cols or slice(None)].float()
+        return self.scale * (b_OR @ a_RI)
+
+    def apply_delta(self, x, expert, rows=None, cols=None):
+        a_RI = self.lora_A[expert, :, cols or slice(None)]
+        b_OR = self.lora_B[expert, rows or slice(None)]
+        return (x @ a_RI.t()) @ b_OR.t() * self.scale  # [T, R] then [T, O']
+
+
+class SparseDeltas(ExpertDeltas):
+    """Values at K fixed positions per expert; positions re-derived from the seed."""
+
+    def __init__(self, config, expert_ids, out_features, in_features, *, seed, matrix, dtype):
+        super().__init__(config, expert_ids, out_features, in_features, seed=seed, matrix=matrix, dtype=dtype)
+        self.kept = config.kept(out_features, in_features)
+        self.values = nn.Parameter(torch.zeros(self.num_experts, self.kept, dtype=dtype))  # [E, K]
+        # The seed is the checkpointed description of the positions (8 bytes).
+        self.register_buffer("position_seed", torch.tensor([seed], dtype=torch.int64))
+        self._positions: dict[tuple, torch.Tensor] = {}
+        self._slices: dict[tuple, tuple] = {}
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.values.zero_()
+        self._positions.clear()
+        self._slices.clear()
+
+    def _derived_positions(self, expert: int) -> torch.Tensor:
+        """Sorted unique flat positions [K] in [0, O·I) for one local expert."""
+        seed = int(self.position_seed)
+        key = (seed, self.layer, expert)
+        if key not in self._positions:
+            expert_seed = derive_seed(seed, self.layer, self.expert_ids[expert], self.matrix)
+            flat = sample_unique(self.out_features * self.in_features, self.kept, expert_seed)
+            self._positions[key] = flat
+        return self._positions[key]
+
+    def positions(self, expert: int, rows=None, cols=None):
+        """(row, col, value index) of the kept entries inside Δ_e[rows, cols], slice-relative."""
+        r0, r1 = _as_slice(rows, self.out_features)
+        c0, c1 = _as_slice(cols, self.in_features)
+        key = (int(self.position_seed), self.layer, expert, r0, r1, c0, c1)
+        if key not in self._slices:
+            flat = self._derived_positions(expert)
+            row, col = flat // self.in_features, flat % self.in_features
+            inside = (row >= r0) & (row < r1) & (col >= c0) & (col < c1)
+            index = inside.nonzero().squeeze(1)
+            self._slices[key] = (row[index] - r0, col[index] - c0, index)
+        return self._slices[key]
+
+    def delta_weight(self, expert, rows=None, cols=None):
+        row, col, index = self.positions(expert, rows, cols)
+        r0, r1 = _as_slice(rows, self.out_features)
+        c0, c1 = _as_slice(cols, self.in_features)
+        dense = torch.zeros(r1 - r0, c1 - c0, dtype=torch.float32, device=self.values.device)
+        return dense.index_put((row.to(dense.device), col.to(dense.device)), self.values[expert, index].float())
+
+    def apply_delta(self, x, expert, rows=None, cols=None):
+        row, col, index = self.positions(expert, rows, cols)
+        r0, r1 = _as_slice(rows, self.out_features)
+        tokens = x.shape[0]
+        # Gathering costs T·K', a dense product T·O'·I': gather while it is cheaper.
+        if tokens * index.numel() > (r1 - r0) * x.shape[1]:
+            return super().apply_delta(x, expert, rows, cols)
+        device = x.device
+        contrib_TK = x[:, col.to(device)] * self.values[expert, index].to(x.dtype)
+        out_TO = x.new_zeros(tokens, r1 - r0)
+        return out_TO.index_add(1, row.to(device), contrib_TK)
+
+    def index_bytes(self) -> int:
+        return self.position_seed.numel() * 8
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._positions.clear()  # positions follow the loaded seed
+        self._slices.clear()
+
+
+class DenseDeltas(ExpertDeltas):
+    def __init__(self, config, expert_ids, out_features, in_features, *, seed, matrix, dtype):
+        super().__init__(config, expert_ids, out_features, in_features, seed=seed, matrix=matrix, dtype=dtype)
+        self.weight = nn.Parameter(torch.zeros(self.num_experts, out_features, in_features, dtype=dtype))  # [E, O, I]
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.weight.zero_()
+
+    def delta_weight(self, expert, rows=None, cols=None):
+        return self.weight[expert, rows or slice(None), cols or slice(None)].float()
+
+    def apply_delta(self, x, expert, rows=None, cols=None):
+        return x @ self.weight[expert, rows or slice(None), cols or slice(None)].to(x.dtype).t()
+
+
+def sample_unique(n: int, k: int, seed: int) -> torch.Tensor:
+    """k distinct integers from [0, n), uniformly, deterministic in ``seed``; sorted.
+
+    Draws with replacement and keeps first appearances (duplicates are rare for
+    k << n), topping up until k are found: O(k) memory instead of randperm's O(n).
+    """
+    if k > n:
+        raise ValueError(f"cannot keep {k} positions of {n}")
+    rng = np.random.default_rng(seed)
+    if 2 * k > n:
+        return torch.from_numpy(np.sort(rng.permutation(n)[:k])).long()
+    picked = np.empty(0, dtype=np.int64)
+    while picked.size < k:
+        draw = np.concatenate([picked, rng.integers(0, n, size=2 * (k - picked.size) + 16)])
+        _, first = np.unique(draw, return_index=True)
+        picked = draw[np.sort(first)]
+    return torch.from_numpy(np.sort(picked[:k])).long()
+
+
+# =========================================================================== #
+# Compressed delta kinds (DeRS compression of trained experts)
+#
+# Built by ders_megatron.convert.compress from trained deltas; the same API, so
+# DeRSExperts runs them for inference and keeps training the float parts.
+# Fixed parts (quantized codes, explicit indices) are parameters with
+# requires_grad=False so DeRSExperts shards them over EP like the trainable
+# ones (its sharded_state_dict replicates buffers); megatron's DDP and
+# optimizer skip them (distributed_data_parallel.py:115, optimizer/__init__.py:330).
+# =========================================================================== #
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes [..., N] < 2**bits into uint8 [..., ceil(N*bits/8)], little-endian."""
+    shift = torch.arange(bits, dtype=torch.int32)
+    stream = ((codes.to(torch.int32).unsqueeze(-1) >> shift) & 1).flatten(-2)  # [..., N*bits]
+    pad = (-stream.shape[-1]) % 8
+    stream = torch.nn.functional.pad(stream, (0, pad)).unflatten(-1, (-1, 8))
+    return (stream << torch.arange(8, dtype=torch.int32)).sum(-1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: int32 codes [..., count]."""
+    stream = ((packed.to(torch.int32).unsqueeze(-1) >> torch.arange(8, dtype=torch.int32)) & 1).flatten(-2)
+    stream = stream[..., : count * bits].unflatten(-1, (count, bits))
+    return (stream << torch.arange(bits, dtype=torch.int32)).sum(-1)
+
+
+class QuantDeltas(ExpertDeltas):
+    """Packed k-bit codes [E, O, ceil(I*k/8)] uint8 (fixed) + per-group float32 scales
+    [E, O, I/G] (trainable) and, for k >= 2, offsets ``lo`` [E, O, I/G] (trainable)."""
+
+    def __init__(self, config, expert_ids, out_features, in_features, *, seed, matrix, dtype):
+        super().__init__(config, expert_ids, out_features, in_features, seed=seed, matrix=matrix, dtype=dtype)
+        self.bits = config.bits
+        self.group = config.group(in_features, matrix)
+        E, groups = self.num_experts, in_features // self.group
+        row_bytes = (in_features * self.bits + 7) // 8
+        self.codes = nn.Parameter(torch.zeros(E, out_features, row_bytes, dtype=torch.uint8), requires_grad=False)
+        self.scales = nn.Parameter(torch.zeros(E, out_features, groups, dtype=torch.float32))
+        if self.bits > 1:
+            self.offsets = nn.Parameter(torch.zeros(E, out_features, groups, dtype=torch.float32))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for param in self.parameters():
+            param.zero_()
+
+    def delta_weight(self, expert, rows=None, cols=None):
+        rows = rows or slice(None)
+        q_OI = unpack_bits(self.codes[expert, rows], self.bits, self.in_features).float()
+        q_OGS = q_OI.unflatten(-1, (-1, self.group))  # [O', groups, G]
+        scale = self.scales[expert, rows].float().unsqueeze(-1)
+        if self.bits == 1:
+            dense = (2.0 * q_OGS - 1.0) * scale  # sign * scale (BitDelta)
+        else:
+            dense = self.offsets[expert, rows].float().unsqueeze(-1) + q_OGS * scale
+        return dense.flatten(-2)[:, cols or slice(None)]
+
+    def num_values(self) -> int:
+        """Stored scalars: one k-bit code per element plus the group scales/offsets."""
+        codes = self.num_experts * self.out_features * self.in_features
+        return codes + sum(p.numel() for p in self.parameters() if p.dtype.is_floating_point)
+
+
+class IndexedSparseDeltas(ExpertDeltas):
+    """Values [E, K] (trainable) at sorted flat positions ``indices`` [E, K] (fixed)."""
+
+    def __init__(self, config, expert_ids, out_features, in_features, *, seed, matrix, dtype):
+        super().__init__(config, expert_ids, out_features, in_features, seed=seed, matrix=matrix, dtype=dtype)
+        self.kept = config.kept(out_features, in_features)
+        index_dtype = torch.int32 if out_features * in_features <= 2**31 - 1 else torch.int64
+        self.values = nn.Parameter(torch.zeros(self.num_experts, self.kept, dtype=dtype))
+        self.indices = nn.Parameter(
+            torch.arange(self.kept, dtype=index_dtype).repeat(self.num_experts, 1), requires_grad=False
+        )
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.values.zero_()
+        self.indices.copy_(torch.arange(self.kept, dtype=self.indices.dtype).expand_as(self.indices))
+
+    def positions(self, expert: int, rows=None, cols=None):
+        """(row, col, value index) of the kept entries inside Δ_e[rows, cols], slice-relative."""
+        r0, r1 = _as_slice(rows, self.out_features)
+        c0, c1 = _as_slice(cols, self.in_features)
+        flat = self.indices[expert].long()
+        row, col = flat // self.in_features, flat % self.in_features
+        index = ((row >= r0) & (row < r1) & (col >= c0) & (col < c1)).nonzero().squeeze(1)
+        return row[index] - r0, col[index] - c0, index
+
+    def delta_weight(self, expert, rows=None, cols=None):
+        row, col, index = self.positions(expert, rows, cols)
+        r0, r1 = _as_slice(rows, self.out_features)
+        c0, c1 = _as_slice(cols, self.in_features)
+        dense = torch.zeros(r1 - r0, c1 - c0, dtype=torch.float32, device=self.values.device)
+        return dense.index_put((row, col), self.values[expert, index].float())
+
+    def apply_delta(self, x, expert, rows=None, cols=None):
+        row, col, index = self.positions(expert, rows, cols)
+        r0, r1 = _as_slice(rows, self.out_features)
+        if x.shape[0] * index.numel() > (r1 - r0) * x.shape[1]:  # dense product is cheaper
+            return super().apply_delta(x, expert, rows, cols)
+        contrib_TK = x[:, col] * self.values[expert, index].to(x.dtype)
+        return x.new_zeros(x.shape[0], r1 - r0).index_add(1, row, contrib_TK)
+
+    def num_values(self) -> int:
+        return self.values.numel()
+
+    def index_bytes(self) -> int:
+        return self.indices.numel() * self.indices.element_size()
+
+
+_MODULES = {"lowrank": LowRankDeltas, "sparse": SparseDeltas, "dense": DenseDeltas, "quant": QuantDeltas,
+            "magnitude": IndexedSparseDeltas}
+
+
+def build_deltas(config, expert_ids, out_features: int, in_features: int, *, seed: int, matrix: str,
+                 dtype=torch.float32) -> ExpertDeltas:
+    """The delta module of ``config`` (a delta-kind config of :mod:`ders_megatron.core.config`;
+    a per-matrix config picks ``matrix``'s) for the global experts ``expert_ids`` of one
+    [out, in] matrix."""
+    if config.kind == "mixed":
+        config = config.for_matrix(matrix)
+    return _MODULES[config.kind](config, expert_ids, out_features, in_features, seed=seed, matrix=matrix,
+                                 dtype=dtype)
+
+
+@torch.no_grad()
+def merge_ffn(deltas, expert: int, fc1_weight: torch.Tensor, fc2_weight: torch.Tensor,
+              slices: dict | None = None) -> dict[str, torch.Tensor]:
+    """W_e = W_base + Δ_e for one FFN, keyed like megatron's MLP parameters: ``deltas`` maps
+    matrix names (``fc1_gate``/``fc1_up``, or ``fc1``; ``fc2``) to delta modules; ``fc1_weight``
+    [F·(2 if gated), H] is megatron's [gate; up] layout; ``slices``: matrix -> (rows, cols) of
+    a tensor-parallel shard (None: whole matrices). fp32 merge with a finite check."""
+    slices = slices or {}
+    if "fc1_gate" in deltas:
+        gate, up = torch.chunk(fc1_weight, 2, dim=0)
+        fc1 = torch.cat([deltas["fc1_gate"].merge(gate, expert, *slices.get("fc1_gate", ())),
+                         deltas["fc1_up"].merge(up, expert, *slices.get("fc1_up", ()))])
+    else:
+        fc1 = deltas["fc1"].merge(fc1_weight, expert, *slices.get("fc1", ()))
+    fc2 = deltas["fc2"].merge(fc2_weight, expert, *slices.get("fc2", ()))
+    return {"linear_fc1.weight": fc1, "linear_fc2.weight": fc2}

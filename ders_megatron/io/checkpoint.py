@@ -1,0 +1,226 @@
+"""Checkpoint layout shared by the training script and the tools.
+
+It is megatron.training's (``training/checkpointing.py``), so ``--load`` reads
+what our tools write and our tools read what Megatron-LM writes:
+
+    <root>/latest_checkpointed_iteration.txt   "release" or an iteration number
+    <root>/release/ or <root>/iter_0000123/      a dist_checkpointing (torch_dist) dir
+        state: {"model": model.sharded_state_dict(), "args": Namespace,
+                "checkpoint_version": 3.0, "iteration": int, ...}
+
+Checkpoint keys are megatron's ``sharded_state_dict`` keys, not module names:
+the layers of a block are stacked on a leading axis
+(``decoder.layers.self_attention.linear_qkv.weight`` is ``[num_layers, ...]``),
+norms fused into linears in the local spec are renamed
+(``input_layernorm.`` -> ``self_attention.linear_qkv.layer_norm_``), and
+``SequentialMLP`` experts get an experts axis (``mlp.experts.experts.linear_fc1.weight``
+is ``[num_layers, E, ...]``). DeRS keys are listed in ``docs/design.md``.
+
+Checkpoints are data: the common state is read by megatron with
+``torch.load(weights_only=True)`` (``dist_checkpointing/serialization.py:236``)
+and tensors through torch.distributed.checkpoint; nothing in a file is executed.
+
+Tools that write a whole checkpoint use :func:`atomic_output_dir`: they write
+into a temporary sibling directory and rename it at the end, so a crash never
+leaves a directory that ``--load`` would take as complete, and an existing
+output is only replaced with ``force``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete, or not what the caller needs."""
+
+
+def tracker_path(root) -> Path:
+    return Path(root) / TRACKER
+
+
+def iteration_dir(root, iteration: int | None) -> Path:
+    """``release/`` for iteration None, else ``iter_0000123/`` (``checkpointing.py:195``)."""
+    return Path(root) / ("release" if iteration is None else f"iter_{iteration:07d}")
+
+
+def latest_dir(root) -> Path:
+    """The directory the tracker points to; clear errors for what is missing."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint directory {root} does not exist")
+    tracker = tracker_path(root)
+    if not tracker.is_file():
+        raise CheckpointError(
+            f"{root} has no {TRACKER}: not a Megatron checkpoint, or its save never finished"
+        )
+    text = tracker.read_text().strip()
+    if text == "release":
+        path = iteration_dir(root, None)
+    elif text.isdigit():
+        path = iteration_dir(root, int(text))
+    else:
+        raise CheckpointError(f"{tracker} holds {text!r}, expected 'release' or an iteration")
+    if not (path / "metadata.json").is_file():
+        raise CheckpointError(f"{path} is incomplete (no metadata.json): a truncated checkpoint?")
+    return path
+
+
+def write_tracker(root, iteration: int | None) -> None:
+    """Atomically point the tracker at ``iteration`` (rename over the old file)."""
+    tmp = tracker_path(root).with_suffix(".tmp")
+    tmp.write_text("release" if iteration is None else str(iteration))
+    os.replace(tmp, tracker_path(root))
+
+
+def _barrier():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
+
+
+def save_model(model_chunks, root, args=None, iteration: int | None = None) -> Path:
+    """Save model weights in megatron.training's layout (no optimizer state).
+
+    Collective: every rank calls it with its own shards.
+    """
+    from megatron.core import dist_checkpointing, parallel_state
+
+    chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    path = iteration_dir(root, iteration)
+    if _rank() == 0:
+        path.mkdir(parents=True, exist_ok=True)
+    _barrier()
+    metadata = {"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
+    state = {"checkpoint_version": 3.0, "iteration": iteration or 0}
+    if args is not None:
+        state["args"] = args
+    for i, chunk in enumerate(chunks):
+        state["model" if len(chunks) == 1 else f"model{i}"] = chunk.sharded_state_dict(metadata=metadata)
+    dist_checkpointing.save(state, str(path))
+    _barrier()
+    if _rank() == 0:
+        write_tracker(root, iteration)
+    _barrier()
+    return path
+
+
+def load_model(model_chunks, root, strict: bool = True) -> dict:
+    """Load model weights saved at any TP/EP/PP layout into this layout's chunks."""
+    from megatron.core import dist_checkpointing, parallel_state
+
+    chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    path = latest_dir(root)
+    metadata = {"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
+    request = {
+        ("model" if len(chunks) == 1 else f"model{i}"): chunk.sharded_state_dict(metadata=metadata)
+        for i, chunk in enumerate(chunks)
+    }
+    loaded = dist_checkpointing.load(request, str(path))
+    for i, chunk in enumerate(chunks):
+        chunk.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"], strict=strict)
+    return loaded
+
+
+def load_common(root) -> dict:
+    """The non-tensor state (args, iteration, checkpoint_version) of the latest checkpoint."""
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load_common_state_dict(str(latest_dir(root)))
+
+
+def stored_args(root):
+    """The args the latest checkpoint under ``root`` was saved with; None where ``root``
+    holds no complete torch_dist checkpoint (a fresh run's ``--load``; an incomplete
+    or garbled one is left to the training script's resume check to name) or its
+    state has no args."""
+    if not tracker_path(root).is_file():
+        return None
+    try:
+        path = latest_dir(root)
+    except CheckpointError:
+        return None
+    if not (path / "metadata.json").is_file():  # dist_checkpointing writes it last
+        return None
+    return load_common(root).get("args")
+
+
+def tensor_shapes(root) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """Global shape and dtype of every tensor key, read from the metadata only."""
+    from megatron.core import dist_checkpointing
+
+    ensure_process_group()
+    meta = dist_checkpointing.load_tensors_metadata(str(latest_dir(root)))
+    return {key: (sh.global_shape, sh.dtype) for key, sh in meta.items()}
+
+
+def ensure_process_group() -> None:
+    """dist_checkpointing needs a process group; single-process tools get a 1-rank one."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+def load_full_tensors(root, keys: list[str]) -> dict[str, torch.Tensor]:
+    """Whole (unsharded) tensors for a few keys: streaming tools read key by key.
+
+    A layer-stacked key comes whole (all layers of that one parameter): a
+    partial read of one layer trips torch.distributed.checkpoint's shard
+    metadata check in a single process, so a key is the unit of streaming.
+
+    Works in a single process (a 1-rank gloo group is created if none exists).
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    ensure_process_group()
+    shapes = tensor_shapes(root)
+    missing = [k for k in keys if k not in shapes]
+    if missing:
+        raise CheckpointError(f"{root} has no tensors {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    request = {
+        key: ShardedTensor.from_rank_offsets(key, torch.empty(shapes[key][0], dtype=shapes[key][1]), replica_id=0)
+        for key in keys
+    }
+    return dist_checkpointing.load(request, str(latest_dir(root)))
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path, force: bool = False):
+    """Yield a temporary directory that becomes ``path`` only if the block succeeds.
+
+    An existing ``path`` is an error unless ``force``; then it is replaced only
+    after the new output is complete. On failure nothing is left behind.
+    """
+    path = Path(path)
+    if path.exists() and not force:
+        raise CheckpointError(f"{path} exists; pass --force to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+

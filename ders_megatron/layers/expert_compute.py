@@ -1,0 +1,353 @@
+"""The experts' math on routed (token, slot) pairs: the generic delta path and the
+low-rank SwiGLU kernel, shared by the fused layer and the drop-in experts.
+
+Both take a :class:`~ders_megatron.layers.experts.DeRSExperts` (its public API:
+``linear_fc1/2``, ``deltas``, ``base_slices``, ``delta_terms``, ``activation``,
+``ders``) and import nothing of it, so the experts module can run the kernel on
+its dispatched rows without an import cycle. Shapes: ``T`` tokens, ``H`` hidden,
+``F`` this rank's FFN columns, ``k`` top-k slots, ``E`` experts, ``R`` rank,
+``ER = E·R``, ``P`` (token, slot) pairs.
+
+Two forms of the delta terms:
+
+* low-rank + SwiGLU (the DeRS-LM case), :class:`_LowRankSwiGLU`: the (token,
+  slot) pairs are grouped by expert once (one stable sort), and each expert's
+  pairs go through in tiles of ``token_tile`` rows: gather the shared fc1
+  output rows, add the rank-R term (one GEMM with K = 2R for gate and up), the
+  activation, and scatter-add ``p·h`` into ``hbar = Σ_s p_s h_s``. A tile's
+  scratch stays in cache and no ``[T·k, F]`` tensor exists; the backward
+  recomputes the activations tile by tile instead of saving them, so the layer
+  saves what a dense SwiGLU MLP saves (fc1 output, fc2 input) plus
+  ``O(T·k·R)``. The A factors of every expert are one GEMM (``[T, 2·E·R]``);
+  the fc2 B side is one GEMM against the concatenated factors with the routing
+  one-hot on the R-sized side (``[T, E·R] @ [E·R, H]``).
+* every other kind/activation, :func:`generic_expert_compute`: base once per
+  token, deltas per expert on the pairs routed to it (``DeRSExperts``' own
+  delta application over one sorted gather/scatter), autograd for the rest
+  (``[T, k, F]`` activations).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# Elements per [rows, F] scratch buffer of the low-rank kernel on CPU. Measured on
+# the whole layer (docs/benchmarks.md, 2-core Xeon, F = 4096, top-2): 256 rows beat
+# 64, 128 and 512 (fused 516 vs 525 ms, drop-in 947 vs 994 ms at 64): past L2, but
+# each tile costs ~25 op dispatches (~125 us of Python), which small tiles multiply.
+# On CUDA one tile holds a whole expert's pairs.
+CPU_TILE_ELEMENTS = 256 * 4096
+
+
+def cpu_token_tile(ffn_columns: int) -> int:
+    """Rows per tile on CPU for this rank's FFN width: a power of two in [16, 1024]."""
+    rows = max(16, min(1024, CPU_TILE_ELEMENTS // max(ffn_columns, 1)))
+    return 1 << (rows.bit_length() - 1)
+
+
+def kernel_tile(experts, x_TH: torch.Tensor, tile: int | None) -> int:
+    """Rows per tile of the low-rank kernel: all of them on CUDA, else ``tile`` (a test's or
+    benchmark's choice) or :func:`cpu_token_tile` of this rank's FFN shard."""
+    if x_TH.is_cuda:
+        return x_TH.shape[0]
+    return tile or cpu_token_tile(experts.linear_fc2.weight.shape[1])
+
+
+# --------------------------------------------------------------------------- #
+# Routing: [T, E] probabilities + map -> k slots per token.
+# --------------------------------------------------------------------------- #
+def routed_slots(probs_TE: torch.Tensor, routing_map_TE: torch.Tensor, topk: int):
+    """(expert index [T, k], probability [T, k]) of each token's k slots.
+
+    The router's [T, E] outputs already carry megatron's semantics
+    (``moe_utils.py:710`` top-k, ``moe_utils.py:958`` capacity dropping, which
+    zeroes dropped probabilities; with ``pad_to_capacity`` the map may hold more
+    than k zero-probability pairs). Slots take the pairs with a non-zero
+    probability first, then mapped pairs, then any: an extra pair has p = 0, so
+    it adds nothing, and the gradient it sends to ``probs_TE`` lands on an
+    entry megatron built as ``scores * mask`` or by scatter, which is zero
+    upstream (``moe_utils.py:1020``).
+    """
+    key_TE = routing_map_TE.to(probs_TE.dtype) + 2 * (probs_TE.detach() != 0).to(probs_TE.dtype)
+    idx_Tk = key_TE.topk(topk, dim=1).indices
+    return idx_Tk, probs_TE.gather(1, idx_Tk)
+
+
+# --------------------------------------------------------------------------- #
+# Expert compute on [T, H] tokens that every rank holds.
+# --------------------------------------------------------------------------- #
+@dataclass(frozen=True)
+class PairOrder:
+    """The (token, slot) pairs in an order that groups them by expert.
+
+    Sort key (slot, expert): the slot-0 segments hold every token exactly once,
+    so the kernel writes a token's row there and adds to it in later segments.
+    ``segments`` are the non-empty runs (expert, start, stop, first).
+    """
+
+    order_P: torch.Tensor  # pair id (t·k + s) of each sorted pair
+    token_P: torch.Tensor  # its token
+    expert_P: torch.Tensor  # its expert
+    segments: list[tuple[int, int, int, bool]]
+
+    @classmethod
+    def grouped(cls, expert_Q, slot_Q, token_Q, num_experts: int, slots: int = 1) -> "PairOrder":
+        """From pairs in their natural order (pair id q): expert, slot and token of each."""
+        key = slot_Q * num_experts + expert_Q
+        order = key.argsort(stable=True)
+        counts = torch.bincount(key, minlength=slots * num_experts).tolist()
+        return cls(order, token_Q[order], expert_Q[order], _segments(counts, num_experts))
+
+    @classmethod
+    def by_expert(cls, idx_Tk: torch.Tensor, num_experts: int) -> "PairOrder":
+        """Grouped by expert alone, experts in order (what ``DeRSExperts.delta_terms`` takes)."""
+        q = torch.arange(idx_Tk.numel(), device=idx_Tk.device)
+        return cls.grouped(idx_Tk.flatten(), torch.zeros_like(q), q // idx_Tk.shape[1], num_experts)
+
+    @classmethod
+    def by_slot_and_expert(cls, idx_Tk: torch.Tensor, num_experts: int) -> "PairOrder":
+        k = idx_Tk.shape[1]
+        q = torch.arange(idx_Tk.numel(), device=idx_Tk.device)
+        return cls.grouped(idx_Tk.flatten(), q % k, q // k, num_experts, k)
+
+    @classmethod
+    def rows(cls, tokens_per_expert: torch.Tensor, device) -> "PairOrder":
+        """Rows grouped by expert (a token dispatcher's output): each row one pair, one slot."""
+        counts = tokens_per_expert.to(device)
+        experts = torch.repeat_interleave(torch.arange(len(counts), device=device), counts)
+        q = torch.arange(experts.numel(), device=device)
+        return cls.grouped(experts, torch.zeros_like(q), q, len(counts))
+
+    def counts_per_expert(self, num_experts: int) -> list[int]:
+        counts = [0] * num_experts
+        for expert, start, stop, _ in self.segments:
+            counts[expert] += stop - start
+        return counts
+
+
+def _segments(counts: list[int], num_experts: int) -> list[tuple[int, int, int, bool]]:
+    """Non-empty runs (expert, start, stop, first) from counts per (slot, expert) key."""
+    out, start = [], 0
+    for key, count in enumerate(counts):
+        if count:
+            out.append((key % num_experts, start, start + count, key < num_experts))
+        start += count
+    return out
+
+
+def dropin_lowrank_swiglu(experts, dispatched_input, tokens_per_expert, permuted_probs, tile=None):
+    """The fused low-rank SwiGLU kernel on dispatched rows: ``DeRSExperts.forward``'s result.
+
+    Each dispatched row is a "token" with one slot, so the base GEMMs run over all
+    rows once (as the drop-in path does) and the deltas/activation go through
+    :class:`_LowRankSwiGLU` instead of per-expert ``[rows, F]`` temporaries. A
+    proposal for the drop-in path (docs/benchmarks.md); needs
+    :func:`lowrank_swiglu_applies` and no ``--moe-apply-probs-on-input``.
+    """
+    pairs = PairOrder.rows(tokens_per_expert, dispatched_input.device)
+    tile = kernel_tile(experts, dispatched_input, tile)
+    return lowrank_swiglu_compute(experts, dispatched_input, pairs, permuted_probs.unsqueeze(1), tile)
+
+
+def fused_expert_compute(experts, x_TH, idx_Tk, p_Tk, tile: int) -> torch.Tensor:
+    """Σ_s p_s · expert_{idx_s}(x) for every token: [T, H] (a partial sum over TP when sharded)."""
+    E = experts.num_local_experts
+    if lowrank_swiglu_applies(experts):
+        return lowrank_swiglu_compute(experts, x_TH, PairOrder.by_slot_and_expert(idx_Tk, E), p_Tk, tile)
+    return generic_expert_compute(experts, x_TH, PairOrder.by_expert(idx_Tk, E), p_Tk)
+
+
+def lowrank_swiglu_applies(experts) -> bool:
+    config = experts.config
+    return (
+        experts.ders.kind == "lowrank"
+        and config.gated_linear_unit
+        and config.activation_func is F.silu
+        and config.activation_func_clamp_value is None
+        and not config.glu_linear_offset
+    )
+
+
+def generic_expert_compute(experts, x_TH, pairs: PairOrder, p_Tk) -> torch.Tensor:
+    """Any delta kind and activation: [T, k, F] activations, deltas per expert segment."""
+    T, k = p_Tk.shape
+    gated = experts.config.gated_linear_unit
+    counts = pairs.counts_per_expert(experts.num_local_experts)
+    fc1_TF, fc1_bias = experts.linear_fc1(x_TH)  # base: once per token
+    delta_PF = experts.delta_terms(x_TH[pairs.token_P], counts, ("fc1_gate", "fc1_up") if gated else ("fc1",))
+    delta_PF = torch.zeros_like(delta_PF).index_copy(0, pairs.order_P, delta_PF)  # back to (token, slot) order
+    fc1_TkF = fc1_TF.unsqueeze(1) + delta_PF.view(T, k, -1)
+    if fc1_bias is not None:
+        fc1_TkF = fc1_TkF + fc1_bias
+    h_TkF = experts.activation(fc1_TkF)
+    h_TkF = (h_TkF * p_Tk.unsqueeze(-1)).to(h_TkF.dtype)  # probabilities as DeRSExperts applies them
+
+    out_TH, fc2_bias = experts.linear_fc2(h_TkF.sum(1))  # base: once per token on Σ_s p_s h_s
+    h_PF = h_TkF.reshape(T * k, -1)[pairs.order_P]
+    out_TH = out_TH.index_add(0, pairs.token_P, experts.delta_terms(h_PF, counts, ("fc2",)))
+    if fc2_bias is not None:
+        out_TH = out_TH + fc2_bias * p_Tk.sum(1, keepdim=True).to(out_TH.dtype)
+    return out_TH
+
+
+def lowrank_swiglu_compute(experts, x_TH, pairs: PairOrder, p_Tk, tile: int) -> torch.Tensor:
+    """DeRS-LM with SwiGLU: base GEMMs through megatron's linears, the middle fused.
+
+    fc1: ``a = s·[A_gate; A_up] x`` for every expert at once ([T, 2, E, R], one GEMM),
+    each pair picks its expert's 2R values. fc2: the kernel returns ``v = A2_e h``
+    per pair; ``p·s·v`` is scattered into a [T, E·R] matrix (one-hot on the R side)
+    and ONE GEMM against the concatenated B2 gives Σ_s p_s Δ2_e h_s.
+    """
+    deltas = experts.deltas
+    gate, up, fc2 = deltas["fc1_gate"], deltas["fc1_up"], deltas["fc2"]
+    rows, _ = experts.base_slices["fc1_gate"]
+    _, cols = experts.base_slices["fc2"]
+    E, R, H = gate.lora_A.shape
+    T = x_TH.shape[0]
+    scale = gate.scale
+    longest = max((stop - start for _, start, stop, _ in pairs.segments), default=1)
+    tile = max(1, min(tile, longest))  # no scratch larger than the longest segment
+
+    base_T2F, fc1_bias = experts.linear_fc1(x_TH)  # base fc1 once per token
+    if fc1_bias is not None:
+        base_T2F = base_T2F + fc1_bias
+    a_T2ER = x_TH @ torch.cat([gate.lora_A.reshape(E * R, H), up.lora_A.reshape(E * R, H)]).t()
+    a_P2R = a_T2ER.view(T, 2, E, R)[pairs.token_P, :, pairs.expert_P].reshape(-1, 2 * R) * scale
+    p_P = p_Tk.flatten()[pairs.order_P]
+    hbar_TF, v_PR = _LowRankSwiGLU.apply(
+        base_T2F, a_P2R,
+        gate.lora_B[:, rows or slice(None)].transpose(1, 2), up.lora_B[:, rows or slice(None)].transpose(1, 2),
+        fc2.lora_A[:, :, cols or slice(None)], p_P, pairs.token_P, pairs.segments, tile,
+    )
+    out_TH, fc2_bias = experts.linear_fc2(hbar_TF)  # base fc2 once per token, on Σ_s p_s h_s
+    pv_PR = v_PR * (p_P * scale).unsqueeze(1).to(v_PR.dtype)
+    z_TER = v_PR.new_zeros(T, E, R).index_put((pairs.token_P, pairs.expert_P), pv_PR)  # (token, expert) unique
+    out_TH = torch.addmm(out_TH, z_TER.view(T, E * R), fc2.lora_B.permute(1, 0, 2).reshape(-1, E * R).t())
+    if fc2_bias is not None:
+        out_TH = out_TH + fc2_bias * p_Tk.sum(1, keepdim=True).to(out_TH.dtype)
+    return out_TH
+
+
+class _LowRankSwiGLU(torch.autograd.Function):
+    """From the shared fc1 output to fc2's input, for DeRS-LM SwiGLU experts.
+
+    forward(base [T, 2F], a [P, 2R] (scaled, per pair), b1g, b1u, a2 [E, R, F], p [P],
+    token [P], segments, tile) -> (hbar [T, F] = Σ_pairs p·h, v [P, R] = A2_e h)
+
+    with pairs in :class:`PairOrder` segments and, per pair of expert e,
+    ``g = base_g[token] + a_g B1g_e``, ``u`` likewise (B1 passed transposed, [R, F]),
+    ``h = silu(g)·u``. Pairs go tile by tile (a tile's scratch stays in cache, no
+    [T·k, F] tensor is kept); the backward recomputes g, u, h instead of saving
+    them, so the layer saves what a dense SwiGLU MLP saves (fc1 output, fc2 input)
+    plus O(T·k·R). A token's rows of hbar and d(base) are written by its slot-0 pair
+    and added to by the others (no zero fill).
+
+    CPU notes, measured (docs/benchmarks.md): elementwise ops and row scatters run
+    several times slower on strided views, so g, u, h live in separate contiguous
+    tiles; skinny products put the rank on the row side ([R, n] @ [n, F]), 3-5x
+    faster in MKL than [F, n] @ [n, R].
+    """
+
+    @staticmethod
+    def forward(ctx, base_T2F, a_P2R, b1g_ERF, b1u_ERF, a2_ERF, p_P, token_P, segments, tile):
+        base_T2F = base_T2F.contiguous()
+        b1g_ERF, b1u_ERF, a2_ERF = b1g_ERF.contiguous(), b1u_ERF.contiguous(), a2_ERF.contiguous()
+        R, F_ = a2_ERF.shape[1:]
+        p_P1 = p_P.detach().unsqueeze(1).to(base_T2F.dtype)
+        hbar_TF = base_T2F.new_empty(base_T2F.shape[0], F_)
+        v_PR = base_T2F.new_empty(p_P.shape[0], R)
+        plan = _plan(segments, token_P, tile)
+        g_, u_, h_ = _scratch(base_T2F, tile, F_, 3)
+        for e, c, tok, first in plan:
+            n = c.stop - c.start
+            g, u, h = g_[:n], u_[:n], h_[:n]
+            _gate_up(base_T2F, tok, a_P2R[c], b1g_ERF[e], b1u_ERF[e], g, u)
+            torch._C._nn.silu(g, out=h)
+            h.mul_(u)
+            v_PR[c] = torch.mm(a2_ERF[e], h.t()).t()  # [R, n] product: the fast layout
+            _write_rows(hbar_TF, tok, h.mul_(p_P1[c]), first)
+        ctx.save_for_backward(base_T2F, a_P2R, b1g_ERF, b1u_ERF, a2_ERF, p_P1)
+        ctx.plan, ctx.tile, ctx.p_dtype = plan, tile, p_P.dtype
+        return hbar_TF, v_PR
+
+    @staticmethod
+    def backward(ctx, dhbar_TF, dv_PR):
+        base_T2F, a_P2R, b1g_ERF, b1u_ERF, a2_ERF, p_P1 = ctx.saved_tensors
+        R, F_ = a2_ERF.shape[1:]
+        dhbar_TF = dhbar_TF.contiguous()
+        if dv_PR is None:
+            dv_PR = a_P2R.new_zeros(a_P2R.shape[0], R)
+        grads = _Grads(base_T2F, a_P2R, a2_ERF)
+        g_, u_, s_, h_, dh_ = _scratch(base_T2F, ctx.tile, F_, 5)
+        dgu = base_T2F.new_empty(ctx.tile, 2 * F_)  # [dg | du]: one contiguous row per pair
+        for e, c, tok, first in ctx.plan:
+            n = c.stop - c.start
+            g, u, s, h, dh, dgu_ = g_[:n], u_[:n], s_[:n], h_[:n], dh_[:n], dgu[:n]
+            _gate_up(base_T2F, tok, a_P2R[c], b1g_ERF[e], b1u_ERF[e], g, u)
+            torch._C._nn.silu(g, out=s)
+            torch.mul(s, u, out=h)  # h
+            grads.a2_ERF[e].addmm_(dv_PR[c].t(), h)  # v = A2_e h
+            torch.index_select(dhbar_TF, 0, tok, out=dh)  # dL/d(p h)
+            torch.sum(h.mul_(dh), 1, out=grads.p_P[c])  # dL/dp = h · dhbar
+            torch.mm(dv_PR[c], a2_ERF[e], out=h)
+            h.addcmul_(dh, p_P1[c])  # dL/dh = p·dhbar + A2_eᵀ dv
+            torch.mul(h, s, out=dgu_[:, F_:])  # du = dL/dh · silu(g)
+            torch.mul(h, u, out=dh)  # dL/dh · u
+            torch.ops.aten.silu_backward.grad_input(dh, g, grad_input=dgu_[:, :F_])  # dg
+            grads.add_pair_tile(e, c, tok, first, dgu_, a_P2R[c], b1g_ERF[e], b1u_ERF[e])
+        return (grads.base_T2F, grads.a_P2R, grads.b1g_ERF, grads.b1u_ERF, grads.a2_ERF,
+                grads.p_P.to(ctx.p_dtype), None, None, None)
+
+
+class _Grads:
+    """Gradient buffers of :class:`_LowRankSwiGLU`; the factor gradients accumulate tile by tile."""
+
+    def __init__(self, base_T2F, a_P2R, a2_ERF):
+        self.base_T2F = torch.empty_like(base_T2F)  # every row written by its token's slot-0 pair
+        self.a_P2R = torch.empty_like(a_P2R)
+        self.p_P = a_P2R.new_empty(a_P2R.shape[0])
+        self.b1g_ERF, self.b1u_ERF, self.a2_ERF = (torch.zeros_like(a2_ERF) for _ in range(3))
+
+    def add_pair_tile(self, e, c, tok, first, dgu_n2F, a_n2R, b1g_RF, b1u_RF):
+        """[dg | du] of one tile into d(base), d(a) and dB1 (g = base_g + a_g B1g, u likewise)."""
+        F_, R = b1g_RF.shape[1], b1g_RF.shape[0]
+        dg, du = dgu_n2F[:, :F_], dgu_n2F[:, F_:]
+        _write_rows(self.base_T2F, tok, dgu_n2F, first)
+        self.a_P2R[c, :R] = torch.mm(b1g_RF, dg.t()).t()
+        self.a_P2R[c, R:] = torch.mm(b1u_RF, du.t()).t()
+        self.b1g_ERF[e].addmm_(a_n2R[:, :R].t(), dg)
+        self.b1u_ERF[e].addmm_(a_n2R[:, R:].t(), du)
+
+
+def _plan(segments, token_P, tile: int):
+    """The tiles (expert, slice of pairs, their tokens, first) of every segment, in order."""
+    plan = []
+    for expert, start, stop, first in segments:
+        for lo in range(start, stop, tile):
+            c = slice(lo, min(lo + tile, stop))
+            plan.append((expert, c, token_P[c], first))
+    return plan
+
+
+def _scratch(like, tile, F_, count):
+    return [like.new_empty(tile, F_) for _ in range(count)]
+
+
+def _write_rows(out_TF, tok_n, rows_nF, first: bool) -> None:
+    """out[tok] = rows (a token's first pair) or out[tok] += rows."""
+    if first:
+        out_TF.index_put_((tok_n,), rows_nF)
+    else:
+        out_TF.index_add_(0, tok_n, rows_nF)
+
+
+def _gate_up(base_T2F, tok_n, a_n2R, b1g_RF, b1u_RF, g_nF, u_nF) -> None:
+    """g <- base_gate[tok] + a_g B1g ; u <- base_up[tok] + a_u B1u (rank-R updates)."""
+    F_, R = g_nF.shape[1], b1g_RF.shape[0]
+    torch.index_select(base_T2F[:, :F_], 0, tok_n, out=g_nF)
+    torch.index_select(base_T2F[:, F_:], 0, tok_n, out=u_nF)
+    g_nF.addmm_(a_n2R[:, :R], b1g_RF)
+    u_nF.addmm_(a_n2R[:, R:], b1u_RF)

@@ -1,0 +1,70 @@
+"""The model provider ``megatron.training.pretrain`` calls: GPTModel with DeRS MoE layers.
+
+``get_model`` (``training/training.py:1730-1763``) calls it as
+``provider(pre_process=, post_process=, config=None, pg_collection=)``, plus
+``vp_stage=`` per virtual-pipeline chunk. Every Megatron model flag keeps its
+meaning: the transformer config comes from ``core_transformer_config_from_args``
+and the GPT settings (vocab padding, RoPE, tied embeddings, sequence length)
+from ``gpt_config_from_args`` / ``GPTModelBuilder`` (``training/models/gpt.py``);
+only the decoder block spec is ours (:func:`ders_megatron.layers.specs.gpt_block_spec`:
+``--moe-layer-freq``, DeRS or megatron experts, shared experts, a norm that
+supports sequence parallelism on CPU, the layers of this PP/VPP stage).
+
+Why GPTModel and not HybridModel (which GPTModel's deprecation warning points
+to): HybridModel lays out its layers from ``--hybrid-layer-pattern`` through a
+``HybridStackSubmodules`` spec, and megatron.training builds it only from a
+model config (``hybrid_config_from_args``), a path that ignores ``model_provider``.
+The DeRS block spec is a ``TransformerBlockSubmodules`` that GPTModel takes
+as is; a hybrid stack spec with a DeRS MoE slot is possible later.
+"""
+
+from __future__ import annotations
+
+from ders_megatron.core.config import ders_config_from_args
+from ders_megatron.io.model import build_gpt
+
+
+class DeRSModelProvider:
+    """``model_provider`` for ``pretrain``; logs the parameter report once all chunks exist.
+
+    The report (:func:`ders_megatron.training.utils.accounting_lines`) counts the
+    real model across ranks, so every rank must build through this provider.
+    """
+
+    def __init__(self, args=None, report: bool = True):
+        self._args = args
+        self._report = report
+        self._chunks = []
+
+    def __call__(self, pre_process=True, post_process=True, config=None, pg_collection=None,
+                 vp_stage=None):
+        from megatron.core.process_groups_config import ProcessGroupCollection
+        from megatron.training import get_args
+
+        args = self._args or get_args()
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+        model = build_gpt(args, ders=ders_config_from_args(args), config=config, pre_process=pre_process,
+                          post_process=post_process, pg_collection=pg_collection, vp_stage=vp_stage)
+        self._chunks.append(model)
+        vp_size = args.virtual_pipeline_model_parallel_size
+        if self._report and (vp_stage is None or vp_stage == vp_size - 1):
+            self._log_report(args, pg_collection)
+            self._chunks = []
+        return model
+
+    def _log_report(self, args, pg_collection) -> None:
+        from megatron.training import print_rank_0
+
+        from ders_megatron.training.utils import accounting_lines, parameter_census
+
+        census = parameter_census(self._chunks, pg_collection)
+        for line in accounting_lines(census, args):
+            print_rank_0(f"[ders] {line}")
+
+
+def model_provider(pre_process=True, post_process=True, config=None, pg_collection=None,
+                   vp_stage=None):
+    """Function form (no report) for callers that want a plain provider."""
+    provider = DeRSModelProvider(report=False)
+    return provider(pre_process, post_process, config, pg_collection, vp_stage)
