@@ -334,7 +334,7 @@ def zero1_train_world1() -> list[float]:
     """ZeRO 1, one rank, sparse deltas over a frozen base."""
     _init_deepspeed()
     ex = _example()
-    args = ex.build_parser().parse_args(SMALL_ARGS + ["--zero-stage", "1", "--moe-ders", "sparse", "--freeze-base"])
+    args = ex.build_parser().parse_args(SMALL_ARGS + ["--zero-stage", "1", "--moe-ders", "sparse", "--moe-ders-freeze-base"])
     engine = ex.build_engine(args, ex.load_ds_config(args))
     base = {n: p.detach().clone() for n, p in engine.module.named_parameters() if ".ders_base." in n}
     losses = ex.train(engine, args, 0, 16)
@@ -588,5 +588,5 @@ def test_example_cli_flags_are_frozen():
         "-h", "--help", "--cpu", "--ds-config", "--zero-stage", "--steps", "--seed", "--vocab", "--seq",
         "--hidden", "--ffn", "--layers", "--swiglu", "--num-experts", "--ep-size", "--top-k",
         "--capacity-factor", "--aux-loss-coeff", "--moe-ders", "--moe-ders-rank", "--moe-ders-alpha",
-        "--moe-ders-drop-rate", "--freeze-base", "--save-dir", "--load-dir", "--local_rank",
+        "--moe-ders-drop-rate", "--moe-ders-freeze-base", "--save-dir", "--load-dir", "--local_rank",
     }

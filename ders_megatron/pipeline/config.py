@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ders_megatron.core.config import DEFAULTS
+from ders_megatron.core.config import DEFAULTS, LowRankDeltaConfig, SparseDeltaConfig, parse_codecs
 
 VARIANTS = ("dense", "vanilla", "lowrank", "sparse")
 DEFAULT_WORKDIR = Path(__file__).resolve().parents[2] / "runs" / "main_job"
@@ -54,8 +54,6 @@ class PipelineConfig:
             (self.num_experts >= 2, f"--num-experts must be >= 2, got {self.num_experts}"),
             (1 <= self.topk <= self.num_experts,
              f"--moe-router-topk must be in [1, --num-experts={self.num_experts}], got {self.topk}"),
-            (self.rank >= 1, f"--moe-ders-rank must be >= 1, got {self.rank}"),
-            (0 < self.drop_rate < 1, f"--moe-ders-drop-rate must be in (0, 1), got {self.drop_rate}"),
             (0 < self.heldout_fraction < 0.5, f"--heldout-fraction must be in (0, 0.5), got {self.heldout_fraction}"),
             (self.nproc >= 1, f"--nproc must be >= 1, got {self.nproc}"),
             (self.ep >= 1 and self.nproc % self.ep == 0,
@@ -74,6 +72,9 @@ class PipelineConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        LowRankDeltaConfig(rank=self.rank)  # the config's own checks, naming --moe-ders-rank
+        SparseDeltaConfig(drop_rate=self.drop_rate)  # ... and --moe-ders-drop-rate
+        parse_codecs(self.codec)  # ... and --moe-ders-codecs
         if self.topk == 1:
             raise ValueError("--moe-router-topk 1 breaks the step-0 equivalence of upcycling (see tools/upcycle.py "
                              "--no-renormalize-topk); use 2 or more")

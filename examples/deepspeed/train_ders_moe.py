@@ -35,7 +35,7 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # run from a checkout without installing
 
-from ders_megatron.core.config import delta_config  # noqa: E402
+from ders_megatron.core.config import DEFAULTS, DELTA_KINDS, delta_config  # noqa: E402
 from ders_megatron.convert.deepspeed.ffn import DeRSFFNConfig  # noqa: E402
 
 
@@ -57,11 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=2, choices=(1, 2))
     p.add_argument("--capacity-factor", type=float, default=2.0)
     p.add_argument("--aux-loss-coeff", type=float, default=0.01)
-    p.add_argument("--moe-ders", default="lowrank", choices=("lowrank", "sparse", "dense"), help="delta kind")
-    p.add_argument("--moe-ders-rank", type=int, default=4)
-    p.add_argument("--moe-ders-alpha", type=float)
-    p.add_argument("--moe-ders-drop-rate", type=float, default=0.9)
-    p.add_argument("--freeze-base", action="store_true")
+    # The package's vocabulary and defaults (ders_megatron/core/config.py); no vanilla/codec here.
+    p.add_argument("--moe-ders", default="lowrank", choices=DELTA_KINDS, help="delta kind")
+    p.add_argument("--moe-ders-rank", type=int, default=DEFAULTS["rank"])
+    p.add_argument("--moe-ders-alpha", type=float, default=DEFAULTS["alpha"])
+    p.add_argument("--moe-ders-drop-rate", type=float, default=DEFAULTS["drop_rate"])
+    p.add_argument("--moe-ders-freeze-base", action="store_true", help="train the deltas (and gate) only")
     p.add_argument("--save-dir", help="engine.save_checkpoint here after training")
     p.add_argument("--load-dir", help="engine.load_checkpoint from here before training")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # the deepspeed launcher's
@@ -79,7 +80,7 @@ def ffn_config(args, layer_number: int) -> DeRSFFNConfig:
         seed=args.seed,
         layer_number=layer_number,
         num_layers=args.layers,
-        freeze_base=args.freeze_base,
+        freeze_base=args.moe_ders_freeze_base,
     )
 
 
