@@ -8,7 +8,8 @@ checkable for good:
   saved once: a dense model and one MoE per export case of
   ``test_hf_export.py`` (vanilla, every delta kind, shared experts, codecs);
 * ``tests/data/golden/digests.json`` holds, recorded with the code as it was
-  before the move (commit 7fec34b), the sha256 of every file of every export of
+  before the move (commit 7fec34b; since then changed on purpose only where a commit says so: the
+  ``ders`` format's modeling file, issue 16), the sha256 of every file of every export of
   every case, and the sha256 of every tensor (key, dtype, shape, bytes) that
   ``upcycle_checkpoint`` and ``compress_checkpoint`` write from these inputs.
 

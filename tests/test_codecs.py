@@ -275,3 +275,17 @@ def compressed_gpt_layouts(spec):
 @pytest.mark.parametrize("spec", SPECS)
 def test_compressed_deltas_match_single_rank_at_every_layout(dist2, spec):
     dist2.run(compressed_gpt_layouts, spec)
+
+
+def test_bit_packing_stays_on_the_codes_device():
+    """pack/unpack build their bit masks on the codes' device: with CPU masks the first
+    CUDA forward of a quant:K model crashed (issue 16). The meta device stands in for CUDA
+    (same device check, no GPU needed); the export's remote-code copy is checked too."""
+    from ders_megatron.convert.hf import modeling_ders_moe as remote
+
+    codes = torch.zeros(3, 16, dtype=torch.int32, device="meta")
+    for bits in (1, 3, 4, 8):
+        packed = pack_bits(codes, bits)
+        assert packed.device.type == "meta" and packed.shape == (3, math.ceil(16 * bits / 8))
+        assert unpack_bits(packed, bits, 16).device.type == "meta"
+        assert remote.unpack_bits(packed, bits, 16).device.type == "meta"

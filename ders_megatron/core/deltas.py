@@ -260,18 +260,19 @@ def sample_unique(n: int, k: int, seed: int) -> torch.Tensor:
 # =========================================================================== #
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes [..., N] < 2**bits into uint8 [..., ceil(N*bits/8)], little-endian."""
-    shift = torch.arange(bits, dtype=torch.int32)
+    shift = torch.arange(bits, dtype=torch.int32, device=codes.device)
     stream = ((codes.to(torch.int32).unsqueeze(-1) >> shift) & 1).flatten(-2)  # [..., N*bits]
     pad = (-stream.shape[-1]) % 8
     stream = torch.nn.functional.pad(stream, (0, pad)).unflatten(-1, (-1, 8))
-    return (stream << torch.arange(8, dtype=torch.int32)).sum(-1).to(torch.uint8)
+    return (stream << torch.arange(8, dtype=torch.int32, device=codes.device)).sum(-1).to(torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: int32 codes [..., count]."""
-    stream = ((packed.to(torch.int32).unsqueeze(-1) >> torch.arange(8, dtype=torch.int32)) & 1).flatten(-2)
+    bit_of_byte = torch.arange(8, dtype=torch.int32, device=packed.device)  # on the codes' device (CUDA too)
+    stream = ((packed.to(torch.int32).unsqueeze(-1) >> bit_of_byte) & 1).flatten(-2)
     stream = stream[..., : count * bits].unflatten(-1, (count, bits))
-    return (stream << torch.arange(bits, dtype=torch.int32)).sum(-1)
+    return (stream << torch.arange(bits, dtype=torch.int32, device=packed.device)).sum(-1)
 
 
 class QuantDeltas(ExpertDeltas):
@@ -320,13 +321,13 @@ class IndexedSparseDeltas(ExpertDeltas):
         index_dtype = torch.int32 if out_features * in_features <= 2**31 - 1 else torch.int64
         self.values = nn.Parameter(torch.zeros(self.num_experts, self.kept, dtype=dtype))
         self.indices = nn.Parameter(
-            torch.arange(self.kept, dtype=index_dtype).repeat(self.num_experts, 1), requires_grad=False
+            torch.arange(self.kept, dtype=index_dtype, device=self.values.device).repeat(self.num_experts, 1), requires_grad=False
         )
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         self.values.zero_()
-        self.indices.copy_(torch.arange(self.kept, dtype=self.indices.dtype).expand_as(self.indices))
+        self.indices.copy_(torch.arange(self.kept, dtype=self.indices.dtype, device=self.indices.device).expand_as(self.indices))
 
     def positions(self, expert: int, rows=None, cols=None):
         """(row, col, value index) of the kept entries inside Δ_e[rows, cols], slice-relative."""

@@ -8,7 +8,7 @@ This file is copied next to every ``--format ders`` export and loaded by
 ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``. It must
 not import ders-megatron: the sparse-position derivation
 (:func:`derive_seed`, :func:`sample_unique`) and :func:`unpack_bits` are copies of
-``ders_megatron/deltas.py`` and a test keeps them identical.
+``ders_megatron/core/deltas.py`` and a test keeps them identical.
 
 Everything but the MoE block is Qwen2-MoE's (attention with optional q/k/v bias,
 RMSNorm, RoPE, dense MLP, router, generation), reused from transformers.
@@ -62,7 +62,7 @@ MATRIX_SEED_NAMES = {"gate_proj": "fc1_gate", "up_proj": "fc1_up", "down_proj": 
 
 
 # --------------------------------------------------------------------------- #
-# Sparse positions: copies of ders_megatron.deltas.derive_seed / sample_unique.
+# Sparse positions: copies of ders_megatron.core.deltas.derive_seed / sample_unique.
 # --------------------------------------------------------------------------- #
 def derive_seed(seed: int, layer: int, expert: int, matrix: str) -> int:
     """A stable 63-bit seed for one (layer number, global expert, matrix)."""
@@ -92,10 +92,11 @@ def sparse_kept(drop_rate: float, out_features: int, in_features: int) -> int:
 
 def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """uint8 [..., ceil(count·bits/8)] -> int32 codes [..., count]; little-endian bit stream
-    (a copy of ders_megatron.deltas.unpack_bits)."""
-    stream = ((packed.to(torch.int32).unsqueeze(-1) >> torch.arange(8, dtype=torch.int32)) & 1).flatten(-2)
+    (a copy of ders_megatron.core.deltas.unpack_bits)."""
+    bit_of_byte = torch.arange(8, dtype=torch.int32, device=packed.device)  # on the codes' device (CUDA too)
+    stream = ((packed.to(torch.int32).unsqueeze(-1) >> bit_of_byte) & 1).flatten(-2)
     stream = stream[..., : count * bits].unflatten(-1, (count, bits))
-    return (stream << torch.arange(bits, dtype=torch.int32)).sum(-1)
+    return (stream << torch.arange(bits, dtype=torch.int32, device=packed.device)).sum(-1)
 
 
 # --------------------------------------------------------------------------- #
