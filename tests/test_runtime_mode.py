@@ -29,3 +29,38 @@ def test_cpu_mode_is_a_function_and_idempotent():
     assert result.returncode == 0, result.stderr
     expected = "cuda cpu" if torch.cuda.is_available() else "cpu cpu"
     assert result.stdout.split()[-2:] == expected.split()
+
+
+def test_collective_tensors_live_where_the_backend_reduces(monkeypatch):
+    """NCCL reduces CUDA tensors only: every GPU launch crashed at model build when the
+    parameter census all-reduced a CPU tensor (issue 16). The census builds its tensor on
+    ``collective_device()``; here the backend is faked, no GPU needed."""
+    import torch.distributed as dist
+
+    from ders_megatron.layers import runtime
+
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert runtime.collective_device() == torch.device("cuda", 3)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    assert runtime.collective_device() == torch.device("cpu")
+
+
+def census_reduces_on_the_collective_device():
+    import torch.distributed as dist
+
+    from ders_megatron.training import utils
+
+    reduced = []
+    real = dist.all_reduce
+    dist.all_reduce = lambda tensor, *a, **k: (reduced.append(tensor.device), real(tensor, *a, **k))[1]
+    try:
+        census = utils.parameter_census([torch.nn.Linear(3, 4)])
+    finally:
+        dist.all_reduce = real
+    return census["total"], reduced, utils.collective_device()
+
+
+def test_parameter_census_reduces_on_the_collective_device(dist2):
+    for total, reduced, device in dist2.run(census_reduces_on_the_collective_device):
+        assert reduced == [device] and total == 2 * 16  # each rank's Linear(3, 4), summed over 2 ranks

@@ -71,6 +71,16 @@ def distributed_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def collective_device(group=None) -> torch.device:
+    """Where a tensor handed to a collective on ``group`` must live: NCCL reduces CUDA
+    tensors only (a CPU tensor raises), gloo CPU ones."""
+    import torch.distributed as dist
+
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 # --------------------------------------------------------------------------- #
 # 1. device="cuda" and .cuda()/.pin_memory()/.to("cuda") become CPU.
 # --------------------------------------------------------------------------- #

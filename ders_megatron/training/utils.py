@@ -27,6 +27,7 @@ import torch
 
 from ders_megatron.core.config import ders_config_from_args, shared_expert_of
 from ders_megatron.io.checkpoint import TRACKER, CheckpointError, iteration_dir
+from ders_megatron.layers.runtime import collective_device
 
 
 # --------------------------------------------------------------------------- #
@@ -312,7 +313,9 @@ def parameter_census(chunks, pg_collection=None) -> dict[str, int]:
     sizes = {"dp_cp": 1, "tp": 1, "expt_dp": 1, "expt_tp": 1}
     if pg_collection is not None:
         sizes = {k: getattr(pg_collection, k).size() for k in sizes}
-    local = torch.zeros(len(CENSUS_KEYS), dtype=torch.float64)
+    reduce = dist.is_available() and dist.is_initialized()
+    # Built where the all-reduce can take it: a CPU tensor fails under NCCL (every GPU launch did).
+    local = torch.zeros(len(CENSUS_KEYS), dtype=torch.float64, device=collective_device() if reduce else "cpu")
     for chunk in chunks:
         for name, param in chunk.named_parameters():
             if getattr(param, "shared", False):  # tied embedding's copy on the last stage
@@ -322,7 +325,7 @@ def parameter_census(chunks, pg_collection=None) -> dict[str, int]:
             local[0] += share
             if param.requires_grad:
                 local[1] += share
-    if dist.is_available() and dist.is_initialized():
+    if reduce:
         dist.all_reduce(local)
     return {k: int(round(v)) for k, v in zip(CENSUS_KEYS, local.tolist())}
 
