@@ -82,6 +82,21 @@ DEVICE_ARGS=(--bf16)
 if [ "${CPU:-0}" = 1 ]; then
     DEVICE_ARGS=(--cpu)
     export TORCHDYNAMO_DISABLE=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+else
+    # Megatron asserts it for TP/CP > 1 before Blackwell (megatron/training/arguments.py:1413-1439);
+    # FSDP runs want it unset: export CUDA_DEVICE_MAX_CONNECTIONS= (empty) to opt out.
+    export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS-1}"
+    [ -n "$CUDA_DEVICE_MAX_CONNECTIONS" ] || unset CUDA_DEVICE_MAX_CONNECTIONS
+    # Megatron's default --transformer-impl is transformer_engine: use it where TE is
+    # installed, else the local layers (TRANSFORMER_IMPL overrides).
+    if [ -z "${TRANSFORMER_IMPL:-}" ]; then
+        if "$PYTHON" -c "import transformer_engine.pytorch" >/dev/null 2>&1; then
+            TRANSFORMER_IMPL=transformer_engine
+        else
+            TRANSFORMER_IMPL=local
+        fi
+    fi
+    DEVICE_ARGS+=(--transformer-impl "$TRANSFORMER_IMPL")
 fi
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 ALL_ARGS=("${MODEL_ARGS[@]}" "${DERS_ARGS[@]}" "${PARALLEL_ARGS[@]}" "${TRAIN_ARGS[@]}"

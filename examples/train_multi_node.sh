@@ -5,7 +5,8 @@
 #       ./examples/train_multi_node.sh
 #
 # torchrun's c10d rendezvous on MASTER_ADDR:MASTER_PORT assigns the node ranks;
-# RDZV_ID must be the same on all nodes and new for every job. Settings:
+# RDZV_ID must be the same on all nodes and new for every job: it defaults to the
+# scheduler's job id (SLURM_JOB_ID), else set it (e.g. RDZV_ID=run42). Settings:
 # examples/common.sh. Extra arguments go to the training script last.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -15,7 +16,8 @@ MASTER_PORT="${MASTER_PORT:-29500}"
 NNODES="${NNODES:?set NNODES}"
 NPROC="${NPROC:-$(nvidia-smi -L 2>/dev/null | wc -l)}"
 [ "$NPROC" -gt 0 ] || NPROC=1
-RDZV_ID="${RDZV_ID:-ders-$(date +%Y%m%d)}"
+RDZV_ID="${RDZV_ID:-${SLURM_JOB_ID:+ders-$SLURM_JOB_ID}}"
+: "${RDZV_ID:?set RDZV_ID to one id for this job, the same on every node (no SLURM_JOB_ID here)}"
 
 exec "$PYTHON" -m torch.distributed.run \
     --nnodes "$NNODES" --nproc-per-node "$NPROC" \
