@@ -134,6 +134,8 @@ INVALID = [
     ("--moe-ders dense --tensor-model-parallel-size 2", MOE, ["--sequence-parallel"]),
     ("--moe-ders dense --moe-use-upcycling", MOE, ["--moe-use-upcycling"]),
     ("--moe-ders dense --moe-grouped-gemm", MOE, ["--moe-grouped-gemm"]),
+    ("--moe-ders lowrank --use-distributed-optimizer --overlap-param-gather --overlap-grad-reduce", MOE,
+     ["--overlap-param-gather is not supported with --moe-ders"]),
     ("--moe-ders lowrank --moe-ders-impl fused --expert-model-parallel-size 2", MOE,
      ["--moe-ders-impl fused", "--expert-model-parallel-size 1"]),
     ("--moe-ders lowrank --moe-layer-freq [1,0,1]", MOE, ["--moe-layer-freq", "--num-layers"]),

@@ -700,6 +700,14 @@ def _check_ders_conflicts(args) -> None:
     _check(not args.moe_grouped_gemm,
            "--moe-grouped-gemm selects megatron's grouped-GEMM experts, which --moe-ders "
            "replaces; drop one of them")
+    # megatron DDP waits for each bucket's overlapped parameter all-gather in forward pre-hooks
+    # of the modules whose forward runs (distributed/distributed_data_parallel.py:400-467);
+    # the delta modules' forward never runs and the shared expert reads the base weights
+    # directly, so DP ranks would compute with parameters whose all-gather is unfinished.
+    _check(not getattr(args, "overlap_param_gather", False),
+           "--overlap-param-gather is not supported with --moe-ders: the DeRS deltas and shared "
+           "base are used without their module's forward, which is where megatron DDP waits for the "
+           "overlapped all-gather; drop the flag (the distributed optimizer itself works)")
     if _get(args, "moe_ders_impl", DEFAULTS["impl"]) == "fused":
         # The fused layer dispatches no tokens and keeps every delta on every rank.
         _check(args.expert_model_parallel_size == 1,
