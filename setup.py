@@ -2,8 +2,11 @@
 
     pip install -e ".[test,hf,plot]"      # what ./test.sh and ./main.sh set up in .venv
 
-The megatron-core pin is exact on purpose: the plugin relies on internals of 0.19.2
-(see ders_megatron/_version_check.py). torch is pinned to the release tested here.
+Installs into an environment that already has torch, Transformer Engine and apex (NVIDIA's
+PyTorch container) without replacing them: ``install_requires`` states ranges (torch as
+megatron-core 0.19 requires it; megatron-core 0.19.x, whose internals the plugin relies
+on: ders_megatron/_version_check.py). The exact versions tested here are in
+constraints.txt, which ./test.sh and ./main.sh install .venv with.
 """
 
 import re
@@ -12,6 +15,16 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 HERE = Path(__file__).resolve().parent
+# Ranges, never pins: a pip install must keep the torch a CUDA container was built with.
+INSTALL_REQUIRES = [
+    "torch>=2.6",  # megatron-core 0.19.2's own requirement (its METADATA)
+    "megatron-core>=0.19,<0.20",
+    "numpy",
+    "safetensors",
+    "tqdm",
+    "psutil",
+    "packaging",
+]
 
 
 def _version() -> str:
@@ -34,20 +47,12 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["ders_megatron*"]),
     python_requires=">=3.12",
-    install_requires=[
-        "torch==2.14.1",
-        "megatron-core==0.19.2",
-        "numpy",
-        "safetensors",
-        "tqdm",
-        "psutil",
-        "packaging",
-    ],
+    install_requires=INSTALL_REQUIRES,
     extras_require={
         "test": ["pytest", "pytest-timeout", "import-linter"],
         "hf": ["transformers>=5,<6", "tokenizers", "gguf"],
         "plot": ["matplotlib"],
-        "deepspeed": ["deepspeed==0.19.8"],
+        "deepspeed": ["deepspeed>=0.19,<0.20"],
         # GPU only: Transformer Engine builds/loads against CUDA; never installed by ./test.sh.
         "te": ["transformer-engine[pytorch]"],
     },

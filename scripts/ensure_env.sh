@@ -3,8 +3,9 @@
 #
 #   bash scripts/ensure_env.sh        # or: source scripts/ensure_env.sh
 #
-# Works from any cwd. Re-installs only when setup.py changed since the last successful install
-# (sha256 of setup.py and the extras, kept in .venv/.ders-stamp), so an up-to-date run is quick and silent.
+# Works from any cwd. Installs the exact tested versions (constraints.txt; setup.py states ranges).
+# Re-installs only when setup.py or constraints.txt changed since the last successful install
+# (their sha256 and the extras, kept in .venv/.ders-stamp), so an up-to-date run is quick and silent.
 # Exports nothing: callers run "<repo>/.venv/bin/python" themselves.
 
 # Sourced: do the work in a child bash so that `set -e` / `exit` never touch the caller's shell.
@@ -84,10 +85,10 @@ MSG
 fi
 
 # 2) install the project when setup.py changed since the last successful install.
-want="$(file_sha256 "$ROOT/setup.py") extras=$EXTRAS"
+want="$(file_sha256 "$ROOT/setup.py") $(file_sha256 "$ROOT/constraints.txt") extras=$EXTRAS"
 have="$(cat "$STAMP" 2>/dev/null || true)"
 if [[ "$want" != "$have" ]]; then
     log "installing -e \".[$EXTRAS]\" into $VENV (first run downloads torch; this can take a while)"
-    "$VPY" -m pip install -q -e "$ROOT[$EXTRAS]"
+    "$VPY" -m pip install -q -c "$ROOT/constraints.txt" -e "$ROOT[$EXTRAS]"
     printf '%s\n' "$want" > "$STAMP"
 fi
