@@ -75,3 +75,24 @@ def test_dropin_equals_reference_under_allgather(dist1):
 def test_shared_expert_beside_dropin_experts(dist1, extended, gate):
     overrides = dict(moe_shared_expert_intermediate_size=64, moe_shared_expert_gate=gate)
     dist1.run(reference_equivalence, "lowrank", overrides, "alltoall", extended)
+
+
+def base_gradient_marks(extended):
+    from ders_megatron.testing.distributed import model_parallel
+    from ders_megatron.testing.models import tiny_config
+    from ders_megatron.testing.reference import build_moe_layers
+
+    with model_parallel():
+        config = tiny_config(moe_shared_expert_intermediate_size=tiny_config().moe_ffn_hidden_size)
+        layer = build_moe_layers(config, DeRSConfig(extended_shared_expert=extended))[0]
+        return [getattr(linear.weight, "zero_out_wgrad", False)
+                for linear in (layer.experts.linear_fc1, layer.experts.linear_fc2)]
+
+
+@pytest.mark.parametrize("extended", [True, False])
+def test_base_read_by_the_shared_expert_keeps_its_gradient_under_wgrad_fusion(dist1, extended):
+    """The extended shared expert multiplies by the base weights directly: with gradient-
+    accumulation fusion (GPU) megatron DDP drops that param.grad unless the weight has
+    zero_out_wgrad (distributed_data_parallel.py:490-493), as tied embeddings do (issue 16).
+    The fusion needs CUDA kernels, so the mark is what is checked here."""
+    assert dist1.run(base_gradient_marks, extended)[0] == [extended, extended]

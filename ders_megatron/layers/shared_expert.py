@@ -65,8 +65,20 @@ class DeRSSharedExpert(MegatronModule):
         self._experts = None
 
     def attach_base(self, experts) -> None:
-        """Use ``experts``' base linears (kept out of this module's parameters)."""
+        """Use ``experts``' base linears (kept out of this module's parameters).
+
+        This module multiplies by the base weights directly, so their gradient also arrives
+        in ``param.grad``. Under gradient-accumulation fusion (on by default on GPU) the base
+        linears write their own weight gradient into ``main_grad`` and mark
+        ``grad_added_to_main_grad``, and megatron DDP then drops ``param.grad`` unless the
+        weight has ``zero_out_wgrad`` (``distributed/distributed_data_parallel.py:490-493``),
+        which also makes the linears' dummy weight gradient zeros instead of ``torch.empty``
+        (``tensor_parallel/layers.py:692-721``): megatron's own fix for tied embeddings
+        (``language_module.py:261``).
+        """
         object.__setattr__(self, "_experts", experts)
+        for linear in (experts.linear_fc1, experts.linear_fc2):
+            linear.weight.zero_out_wgrad = True
 
     def set_layer_number(self, layer_number: int) -> None:
         for deltas in self.deltas.values():
