@@ -96,3 +96,26 @@ def test_base_read_by_the_shared_expert_keeps_its_gradient_under_wgrad_fusion(di
     zero_out_wgrad (distributed_data_parallel.py:490-493), as tied embeddings do (issue 16).
     The fusion needs CUDA kernels, so the mark is what is checked here."""
     assert dist1.run(base_gradient_marks, extended)[0] == [extended, extended]
+
+
+def cuda_seeds_during_build():
+    from ders_megatron.testing.distributed import model_parallel
+    from ders_megatron.testing.models import tiny_config
+    from ders_megatron.testing.reference import build_moe_layers
+
+    calls = []
+    real = torch.cuda.manual_seed_all
+    with model_parallel():
+        experts = build_moe_layers(tiny_config(), DeRSConfig())[0].experts
+        torch.cuda.manual_seed_all = lambda seed: calls.append(seed)
+        try:
+            experts.set_layer_number(3)  # re-derives the seeded base init
+        finally:
+            torch.cuda.manual_seed_all = real
+    return calls
+
+
+def test_base_init_leaves_the_cuda_generators_alone(dist1):
+    """The seeded base init reseeded every CUDA generator through torch.manual_seed, which
+    fork_rng(devices=[]) does not restore (issue 16): only the CPU generator is seeded now."""
+    assert dist1.run(cuda_seeds_during_build)[0] == []

@@ -157,8 +157,11 @@ class DeRSExperts(MegatronModule):
             shape = list(linear.weight.shape)
             shape[dim] *= p.etp_size
             full = torch.empty(shape, dtype=torch.float32)
+            # megatron's init methods draw from the global generator; `full` is a CPU tensor, so
+            # seeding the CPU generator alone is enough. torch.manual_seed would also reseed
+            # every CUDA generator, which fork_rng(devices=[]) does not restore.
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(derive_seed(self.ders.seed, self.layer, -1, name))
+                torch.default_generator.manual_seed(derive_seed(self.ders.seed, self.layer, -1, name))
                 init(full)
             linear.weight.copy_(tp_shard(full, dim, stride, p.etp_rank, p.etp_size))
             if getattr(linear, "bias", None) is not None:
