@@ -38,6 +38,7 @@ FROZEN_FLAGS = (
     "--moe-ders-rank",
     "--moe-ders-seed",
     "--moe-ders-shared-expert",
+    "--moe-ders-upcycle-from",
 )
 
 BASE = (
@@ -134,6 +135,9 @@ INVALID = [
     ("--moe-ders dense --tensor-model-parallel-size 2", MOE, ["--sequence-parallel"]),
     ("--moe-ders dense --moe-use-upcycling", MOE, ["--moe-use-upcycling"]),
     ("--moe-ders dense --moe-grouped-gemm", MOE, ["--moe-grouped-gemm"]),
+    ("--moe-ders lowrank --moe-ders-upcycle-from /nonexistent", BASE, ["--moe-ders-upcycle-from", "--num-experts"]),
+    ("--moe-ders codec --moe-ders-codecs quant:4 --moe-ders-upcycle-from /x", MOE,
+     ["--moe-ders-upcycle-from", "tools/compress.py"]),
     ("--moe-ders lowrank --use-distributed-optimizer --overlap-param-gather --overlap-grad-reduce", MOE,
      ["--overlap-param-gather is not supported with --moe-ders"]),
     ("--moe-ders lowrank --moe-ders-impl fused --expert-model-parallel-size 2", MOE,

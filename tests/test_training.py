@@ -297,6 +297,42 @@ def test_load_with_other_ders_flags_fails_before_any_work():
 
 
 # --------------------------------------------------------------------------- #
+# Upcycling at start (--moe-ders-upcycle-from)
+# --------------------------------------------------------------------------- #
+# At TP=2 megatron pads the vocabulary to a multiple of 128·TP: 64·TP keeps the dense model's 128
+# rows (without it the upcycle stops on the embedding's shape, naming the flag).
+@pytest.mark.parametrize("layout", [EP2, [*TP2, "--make-vocab-size-divisible-by", "64"]], ids=["ep2", "tp2-sp"])
+def test_upcycle_at_start_equals_the_offline_tool(tmp_path, layout):
+    """2 ranks (EP=2, or TP=2 with SP) fill their shards straight from the dense checkpoint; with lr 0 the
+    step leaves them as filled, and the saved tensors are bit-identical to tools/upcycle.py's
+    output of the same settings (recorded in tests/data/golden/digests.json, "lowrank")."""
+    import json
+
+    import golden
+    from ders_megatron.pipeline.train import model_flags
+    from ders_megatron.testing.distributed import run_distributed
+
+    dense = golden.DATA / "dense"
+    settings = golden.UPCYCLES["lowrank"]  # 4 experts, rank 2, seed 11
+    flags = [*model_flags(dense), *device_flags(), "--mock-data", "--seq-length", "32",
+             "--micro-batch-size", "1", "--global-batch-size", "2", "--train-iters", "1",
+             "--lr", "0", "--min-lr", "0", "--lr-decay-style", "constant", "--eval-iters", "0",
+             "--num-experts", settings["num_experts"], "--moe-router-topk", "2",
+             "--moe-ders", "lowrank", "--moe-ders-rank", settings["rank"], "--moe-ders-seed", settings["seed"],
+             *layout, "--moe-ders-upcycle-from", dense,
+             "--save", tmp_path / "run", "--save-interval", "1", "--no-save-optim", "--no-save-rng"]
+    log = tmp_path / "run.log"
+    result = torchrun(flags, nproc=2, log_path=log, timeout=300)
+    text = log.read_text(errors="replace")
+    assert result.returncode == 0, "\n".join(text.splitlines()[-40:])
+    assert "[ders] upcycled from" in text
+    got = run_distributed(golden.tensor_digests, 1, str(tmp_path / "run"))[0]
+    want = json.loads(golden.DIGESTS.read_text())["upcycle"]["lowrank"]
+    assert sorted(got) == sorted(want)
+    assert [k for k in want if got[k] != want[k]] == []
+
+
+# --------------------------------------------------------------------------- #
 # Memory: DeRS-LM ~ dense, vanilla upcycling grows with the experts
 # --------------------------------------------------------------------------- #
 MEMORY_MODEL = (

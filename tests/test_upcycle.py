@@ -62,7 +62,7 @@ def in_memory_matches_offline(dense_root, moe_root, layout):
 
     from ders_megatron.io.checkpoint import load_common, load_model
     from ders_megatron.testing.distributed import model_parallel
-    from ders_megatron.convert.upcycle import upcycle_state_into_model
+    from ders_megatron.io.upcycle_state import upcycle_state_into_model
 
     args = load_common(moe_root)["args"]
     with model_parallel(**layout, seed=5):

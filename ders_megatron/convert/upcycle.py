@@ -8,7 +8,8 @@ Two paths, one set of rules (:func:`source_of`):
   ``megatron.training``'s ``--load`` reads: ``release/`` + tracker, common state
   ``{"args", "checkpoint_version": 3.0, "iteration": 0, ...}``, the MoE and
   DeRS settings in ``args`` under the training flags' dest names.
-* **In memory** (:func:`upcycle_state_into_model`): fills a freshly built DeRS or
+* **In memory** (:func:`ders_megatron.io.upcycle_state.upcycle_state_into_model`,
+  training's ``--moe-ders-upcycle-from``): fills a freshly built DeRS or
   megatron-experts GPT model at any TP/EP/PP layout straight from the dense
   checkpoint; each rank reads only its own shards.
 
@@ -63,16 +64,20 @@ from ders_megatron.core.config import (
     ders_config_from_args,
     set_ders_args,
 )
-from ders_megatron.core.deltas import build_deltas, derive_seed
-from ders_megatron.io.checkpoint import CheckpointError, atomic_output_dir, load_common
-from ders_megatron.layers.shared_expert import DeRSSharedExpert
+from ders_megatron.core.deltas import build_deltas
+from ders_megatron.io.checkpoint import atomic_output_dir
+from ders_megatron.io.upcycle_state import (
+    SHARED_INITS,
+    DenseSource,
+    UpcycleError,
+    key_suffix,
+    read_dense_args,
+    router_weight,
+    shared_fc2_scale,
+    source_of,
+)
 
 KINDS = ("vanilla", *DELTA_KINDS)  # what upcycling can start (codec: tools/compress.py)
-SHARED_INITS = ("split", "copy")
-
-
-class UpcycleError(CheckpointError):
-    """Bad input or settings for upcycling; the message names the flag or file."""
 
 
 # --------------------------------------------------------------------------- #
@@ -144,16 +149,6 @@ class UpcycleConfig:
         return shared_fc2_scale(self.shared_expert, self.shared_expert_gate, self.shared_expert_init)
 
 
-def shared_fc2_scale(shared_expert: str, gate: bool, init: str) -> float:
-    """Scale of routed and shared fc2 so that their sum is FFN(x) at step 0 (module doc)."""
-    if shared_expert == "none" or init == "copy":
-        return 1.0
-    if init not in SHARED_INITS:
-        raise UpcycleError(f"--shared-expert-init must be one of {SHARED_INITS}, got {init!r}")
-    g = 0.5 if gate else 1.0  # sigmoid(0) with the zero-initialised gate
-    return 1.0 / (1.0 + g)
-
-
 def moe_args(dense_args: argparse.Namespace, cfg: UpcycleConfig) -> argparse.Namespace:
     """The MoE model's args: the dense args plus MoE and DeRS settings, under the
     ``dest`` names of Megatron's and ``ders_megatron.training.arguments``' flags."""
@@ -200,106 +195,8 @@ def check_target_layout(args, cfg: UpcycleConfig) -> None:
 
 
 # --------------------------------------------------------------------------- #
-# Where each MoE tensor comes from
-# --------------------------------------------------------------------------- #
-@dataclass(frozen=True)
-class Source:
-    """``copy``: dense ``suffix`` (scaled); ``router``/``zeros``/``keep``: initialised."""
-
-    what: str  # copy | router | zeros | keep
-    suffix: str = ""
-    scale: float = 1.0
-
-
-def _dense_name(suffix: str) -> str | None:
-    """The dense FFN tensor a routed/shared expert tensor copies, or None."""
-    for prefix in ("mlp.experts.experts.", "mlp.experts.", "mlp.shared_experts."):
-        if suffix.startswith(prefix):
-            rest = suffix[len(prefix):]
-            if rest.split(".")[0] in ("linear_fc1", "linear_fc2"):
-                return "mlp." + rest
-    return None
-
-
-def source_of(key_suffix: str, dense_suffixes: set[str], fc2_scale: float = 1.0) -> Source:
-    """Source of one MoE checkpoint tensor, by its layer-relative key suffix
-    (``docs/design.md`` key layout; megatron's for vanilla and shared experts)."""
-    if key_suffix.startswith("mlp.router."):
-        return Source("router" if key_suffix == "mlp.router.weight" else "zeros")
-    if ".deltas." in key_suffix:
-        return Source("keep")  # the DeRS layer's own deterministic initialisation
-    if key_suffix == "mlp.shared_experts.gate_weight":
-        return Source("zeros")
-    dense = _dense_name(key_suffix)
-    if dense is not None:
-        scale = fc2_scale if dense.startswith("mlp.linear_fc2.") else 1.0
-        return Source("copy", dense, scale)
-    if key_suffix.startswith("pre_mlp_layernorm.") and key_suffix not in dense_suffixes:
-        # TE MoE specs keep the norm apart; dense TE/local checkpoints fuse it into fc1.
-        return Source("copy", "mlp.linear_fc1.layer_norm_" + key_suffix.split(".", 1)[1])
-    return Source("copy", key_suffix)
-
-
-class DenseSource:
-    """Slices of the dense checkpoint for (layer, suffix): stacked or per-layer keys."""
-
-    def __init__(self, root):
-        from ders_megatron.io.checkpoint import tensor_shapes
-        from ders_megatron.io.streaming import layer_suffix
-
-        self.root = root
-        self.shapes = tensor_shapes(root)
-        self.suffixes = {layer_suffix(key) for key in self.shapes if key.startswith("decoder.layers.")}
-
-    def request(self, layer: int | None, suffix: str, offsets, shape):
-        from ders_megatron.io.streaming import SliceRequest
-
-        if layer is None:
-            if suffix not in self.shapes:
-                raise UpcycleError(f"the dense checkpoint {self.root} has no tensor {suffix!r}")
-            return SliceRequest(suffix, (), tuple(offsets), tuple(shape))
-        if f"decoder.layers.{suffix}" in self.shapes:
-            return SliceRequest(f"decoder.layers.{suffix}", (layer,), tuple(offsets), tuple(shape))
-        if f"decoder.layers.{layer}.{suffix}" in self.shapes:
-            return SliceRequest(f"decoder.layers.{layer}.{suffix}", (), tuple(offsets), tuple(shape))
-        raise UpcycleError(f"the dense checkpoint {self.root} has no tensor for layer {layer} {suffix!r}")
-
-
-def router_weight(num_experts: int, hidden: int, layer_number: int, seed: int, std: float, dtype) -> torch.Tensor:
-    """[E, H] ~ N(0, std²) from a generator seeded by (seed, layer): layout-independent."""
-    gen = torch.Generator().manual_seed(derive_seed(seed, layer_number, -1, "router"))
-    return (torch.randn(num_experts, hidden, generator=gen, dtype=torch.float32) * std).to(dtype)
-
-
-def _key_suffix(st) -> tuple[int | None, str]:
-    from ders_megatron.io.streaming import layer_of, layer_suffix
-
-    layer = layer_of(st)
-    return layer, (layer_suffix(st.key) if layer is not None else st.key)
-
-
-# --------------------------------------------------------------------------- #
 # Input checks
 # --------------------------------------------------------------------------- #
-def read_dense_args(dense_root) -> argparse.Namespace:
-    """The dense checkpoint's args; errors for missing, truncated or MoE checkpoints."""
-    from ders_megatron.io.checkpoint import tensor_shapes
-    from ders_megatron.io.streaming import check_full_args
-
-    common = load_common(dense_root)
-    args = common.get("args")
-    if args is None:
-        raise UpcycleError(f"{dense_root} holds no 'args': cannot tell the dense model's shape")
-    check_full_args(args, dense_root)
-    moe_keys = [k for k in tensor_shapes(dense_root) if ".mlp.router." in k or ".mlp.experts." in k]
-    if getattr(args, "num_experts", None) or moe_keys:
-        raise UpcycleError(
-            f"{dense_root} is already a MoE checkpoint (--num-experts {getattr(args, 'num_experts', None)}, "
-            f"{len(moe_keys)} expert/router tensors): upcycling needs a dense one"
-        )
-    return args
-
-
 def _check_dense_matches(dense_root, args, shapes) -> None:
     """Every tensor the dense model has is in the checkpoint with its shape."""
     from ders_megatron.io.streaming import build_model, plan_model, single_rank_args
@@ -334,7 +231,7 @@ class _Values:
     def __call__(self, name: str) -> torch.Tensor:
         entry = self.plan.entries[name]
         first = self.plan.entry_tensors(name)[0]
-        layer, suffix = _key_suffix(first)
+        layer, suffix = key_suffix(first)
         source = source_of(suffix, self.dense.suffixes, self.cfg.fc2_scale)
         shape, dtype = tuple(entry.data.shape), entry.data.dtype
         if source.what == "copy":
@@ -423,94 +320,3 @@ def _nbytes(shape, dtype) -> int:
     for size in shape:
         count *= size
     return count * torch.empty((), dtype=dtype).element_size()
-
-
-# --------------------------------------------------------------------------- #
-# In memory
-# --------------------------------------------------------------------------- #
-def _unwrap(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
-@torch.no_grad()
-def upcycle_state_into_model(dense_root, model, *, seed: int | None = None, router_init_std: float | None = None,
-                             shared_expert_init: str = "split") -> dict:
-    """Fill a freshly built (DeRS or megatron-experts) GPT model from a dense checkpoint.
-
-    ``model``: one GPTModel chunk or a list (PP/VPP), DDP-wrapped or not, at any
-    TP/EP/PP layout of the current process groups; call it on every rank, before
-    the optimizer is built (or call the optimizer's ``reload_model_params()``
-    after). Each rank reads only its shards. DeRS deltas keep the layer's own
-    (layout-independent) initialisation; routers get :func:`router_weight` with
-    ``seed`` (default: the DeRS seed, else 1234) and ``router_init_std`` (default:
-    the config's ``init_method_std``); the result equals loading the offline
-    :func:`upcycle_checkpoint` output of the same settings. Returns counts of
-    copied / initialised tensors.
-    """
-    from megatron.core.dist_checkpointing.mapping import ShardedObject, apply_factories
-
-    from ders_megatron.io.streaming import read_slices
-
-    chunks = [_unwrap(m) for m in (model if isinstance(model, (list, tuple)) else [model])]
-    config = chunks[0].config
-    seed = _model_seed(chunks, seed)
-    std = router_init_std or getattr(config, "init_method_std", 0.02)
-    shared = _shared_expert_kind(chunks)
-    gate = bool(getattr(config, "moe_shared_expert_gate", False))
-    fc2_scale = shared_fc2_scale(shared, gate, shared_expert_init)
-    dense = DenseSource(dense_root)
-    read_dense_args(dense_root)
-    requests, targets, scales = [], [], []
-    counts = {"copy": 0, "router": 0, "zeros": 0, "keep": 0}
-    for chunk in chunks:
-        sharded = chunk.sharded_state_dict()
-        apply_factories(sharded)
-        for st in _leaves(sharded):
-            if isinstance(st, ShardedObject):
-                continue
-            layer, suffix = _key_suffix(st)
-            source = source_of(suffix, dense.suffixes, fc2_scale)
-            counts[source.what] += 1
-            if source.what == "copy":
-                offsets = st.global_offset[st.prepend_axis_num:]
-                requests.append(dense.request(layer, source.suffix, offsets, st.local_shape))
-                targets.append(st.data)
-                scales.append(source.scale)
-            elif source.what == "router":
-                full = router_weight(config.num_moe_experts, config.hidden_size, layer + 1, seed, std, st.data.dtype)
-                st.data.copy_(full[tuple(slice(o, o + s) for o, s in zip(st.global_offset[st.prepend_axis_num:], st.local_shape))])
-            elif source.what == "zeros":
-                st.data.zero_()
-    read_slices(dense_root, requests, dense.shapes, out=targets)
-    for data, scale in zip(targets, scales):
-        if scale != 1.0:
-            data.mul_(scale)
-    return counts
-
-
-def _leaves(sharded):
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-
-    return list(nested_values(sharded))
-
-
-def _model_seed(chunks, seed):
-    if seed is not None:
-        return seed
-    for chunk in chunks:
-        for module in chunk.modules():
-            ders = getattr(module, "ders", None)
-            if ders is not None and hasattr(ders, "seed"):
-                return ders.seed
-    return 1234
-
-
-def _shared_expert_kind(chunks) -> str:
-    for chunk in chunks:
-        for module in chunk.modules():
-            shared = getattr(module, "shared_experts", None)
-            if shared is not None:
-                return "ders" if isinstance(shared, DeRSSharedExpert) else "full"
-    return "none"

@@ -428,6 +428,7 @@ FLAG_DESTS = {
     "--moe-ders-shared-expert": "moe_ders_shared_expert",
     "--moe-ders-codecs": "moe_ders_codecs",
     "--moe-ders-quant-group-size": "moe_ders_quant_group_size",
+    "--moe-ders-upcycle-from": "moe_ders_upcycle_from",
 }
 
 
@@ -693,6 +694,17 @@ def _check_shared_expert_args(args) -> None:
                "--moe-ders-shared-expert ders needs --disable-bias-linear (shared experts have no bias)")
 
 
+def _check_upcycle_from(args) -> None:
+    if not getattr(args, "moe_ders_upcycle_from", None):
+        return
+    _check(bool(args.num_experts), "--moe-ders-upcycle-from builds a MoE: it needs --num-experts")
+    _check(canonical_kind(args.moe_ders) != "codec",
+           "--moe-ders-upcycle-from starts deltas from their initialisation; --moe-ders codec models come "
+           "from tools/compress.py (load them with --load)")
+    _check(not args.moe_use_upcycling,
+           "--moe-ders-upcycle-from and megatron's --moe-use-upcycling both upcycle at start: use one")
+
+
 def _check_ders_conflicts(args) -> None:
     _check(not args.moe_use_upcycling,
            "--moe-use-upcycling converts to megatron's SequentialMLP/TEGroupedMLP experts "
@@ -770,6 +782,7 @@ def validate_ders_args(args, cuda_available: bool) -> DeRSConfig | None:
     _check_model_flags(args)
     _check_megatron_preconditions(args)
     _check_flags_need_ders(args)
+    _check_upcycle_from(args)
     ders = ders_config_from_args(args)
     if args.num_experts:
         _check_placement(args)

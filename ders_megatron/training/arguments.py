@@ -22,6 +22,7 @@ import argparse
 import sys
 from typing import Any
 
+from ders_megatron.io.checkpoint import CheckpointError, stored_args
 from ders_megatron.core.config import (
     CODECS,
     DEFAULTS,
@@ -84,6 +85,10 @@ def add_ders_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        "DeRS: the experts' base plus its own delta); its size is "
                        "--moe-shared-expert-intermediate-size. Default: full when that size is given, "
                        "else none.")
+    group.add_argument("--moe-ders-upcycle-from", default=None, metavar="DIR",
+                       help="Upcycle at start: build the MoE at this run's TP/PP/EP layout and fill each "
+                       "rank's shard from this dense checkpoint (tools/upcycle.py's rules), then train "
+                       "from iteration 0. Skipped when --load holds a checkpoint to resume.")
     group.add_argument("--ders-loss-log", default=None, metavar="FILE",
                        help="Append each training iteration's LM loss at full precision as a "
                        "JSON line (rank 0 writes).")
@@ -127,14 +132,33 @@ def check_ders_args(args, cuda_available: bool | None = None) -> DeRSConfig | No
     return validate_ders_args(args, cuda_available)
 
 
+def check_upcycle_source(args) -> None:
+    """``--moe-ders-upcycle-from``: a complete dense checkpoint with its args, before any work.
+
+    Reads the common state only: torch.distributed is not initialised yet, and must not be
+    (a process group made here would be the world megatron then finds). The tensors are
+    checked against the args when the model is built (``read_dense_args``)."""
+    source = getattr(args, "moe_ders_upcycle_from", None)
+    if source is None:
+        return
+    try:
+        dense_args = stored_args(source)
+    except (CheckpointError, OSError) as err:
+        raise DeRSArgumentError(f"--moe-ders-upcycle-from {source}: {err}") from err
+    if dense_args is None:
+        raise DeRSArgumentError(f"--moe-ders-upcycle-from {source}: no complete checkpoint with args there "
+                                "(latest_checkpointed_iteration.txt and the directory it names)")
+    if getattr(dense_args, "num_experts", None):
+        raise DeRSArgumentError(f"--moe-ders-upcycle-from {source} is already a MoE checkpoint "
+                                f"(--num-experts {dense_args.num_experts}); upcycling starts from a dense one")
+
+
 def check_load_matches_flags(args) -> None:
     """With ``--load`` of a checkpoint that holds args (Megatron-LM and our tools save
     them), refuse flags that would build another DeRS model than the one stored, naming
     each flag, before any work. ``--use-checkpoint-args`` takes them from the checkpoint
     instead (Megatron's ``load_args_from_checkpoint``, ``training/checkpointing.py``).
     """
-    from ders_megatron.io.checkpoint import stored_args
-
     for root in (args.load, getattr(args, "pretrained_checkpoint", None)):
         if root is None:
             continue
@@ -197,6 +221,7 @@ def validated_args(argv: list[str] | None = None, args_defaults: dict[str, Any] 
         load_args_from_checkpoint(args)
         check_ders_args(args)
     check_load_matches_flags(args)
+    check_upcycle_source(args)
     if args.yaml_cfg is not None:
         raise DeRSArgumentError("--yaml-cfg is not supported with the DeRS flags")
     validate_args(args, args_defaults)

@@ -22,7 +22,14 @@ from __future__ import annotations
 
 from ders_megatron.core.config import ders_config_from_args
 from ders_megatron.io.model import build_gpt
+from ders_megatron.io.upcycle_state import upcycle_state_into_model
+from ders_megatron.training.utils import check_resume_checkpoint
 
+
+def resumes(args) -> bool:
+    """``--load`` holds a checkpoint of this run: megatron loads it after the build, so an
+    upcycle at start would be overwritten (a restarted upcycling job resumes instead)."""
+    return check_resume_checkpoint(args) is not None
 
 class DeRSModelProvider:
     """``model_provider`` for ``pretrain``; logs the parameter report once all chunks exist.
@@ -48,10 +55,24 @@ class DeRSModelProvider:
                           post_process=post_process, pg_collection=pg_collection, vp_stage=vp_stage)
         self._chunks.append(model)
         vp_size = args.virtual_pipeline_model_parallel_size
-        if self._report and (vp_stage is None or vp_stage == vp_size - 1):
-            self._log_report(args, pg_collection)
+        if vp_stage is None or vp_stage == vp_size - 1:  # every chunk of this rank exists
+            if getattr(args, "moe_ders_upcycle_from", None) and not resumes(args):
+                self._upcycle(args)
+            if self._report:
+                self._log_report(args, pg_collection)
             self._chunks = []
         return model
+
+    def _upcycle(self, args) -> None:
+        """``--moe-ders-upcycle-from``: fill this rank's chunks from the dense checkpoint
+        (each rank reads only its shards), before megatron builds DDP and the optimizer
+        (``training/training.py`` get_model -> setup_model_and_optimizer). Same rules and
+        result as tools/upcycle.py's output loaded at this layout."""
+        from megatron.training import print_rank_0
+
+        counts = upcycle_state_into_model(args.moe_ders_upcycle_from, self._chunks)
+        print_rank_0(f"[ders] upcycled from {args.moe_ders_upcycle_from}: {counts['copy']} tensors copied, "
+                     f"{counts['router']} routers initialised, deltas from their seeds")
 
     def _log_report(self, args, pg_collection) -> None:
         from megatron.training import print_rank_0

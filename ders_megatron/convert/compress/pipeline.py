@@ -144,7 +144,7 @@ class LayerSource:
         self.shapes = tensor_shapes(root)
         self.dense = None
         if dense_root is not None:
-            from ders_megatron.convert.upcycle import DenseSource, read_dense_args
+            from ders_megatron.io.upcycle_state import DenseSource, read_dense_args
 
             read_dense_args(dense_root)
             self.dense = DenseSource(dense_root)
