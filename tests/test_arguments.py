@@ -135,6 +135,10 @@ INVALID = [
     ("--moe-ders dense --tensor-model-parallel-size 2", MOE, ["--sequence-parallel"]),
     ("--moe-ders dense --moe-use-upcycling", MOE, ["--moe-use-upcycling"]),
     ("--moe-ders dense --moe-grouped-gemm", MOE, ["--moe-grouped-gemm"]),
+    ("--moe-ders lowrank --delay-wgrad-compute", MOE, ["--delay-wgrad-compute", "backward_dw"]),
+    ("--moe-ders lowrank --fp8-format hybrid", MOE, ["--moe-router-padding-for-quantization", "divisible by 16"]),
+    ("--moe-ders lowrank --cuda-graph-impl local", MOE, ["--cuda-graph-modules attn"]),
+    ("--moe-ders lowrank --cuda-graph-impl local --cuda-graph-modules moe", MOE, ["--cuda-graph-modules attn"]),
     ("--moe-ders lowrank --moe-ders-upcycle-from /nonexistent", BASE, ["--moe-ders-upcycle-from", "--num-experts"]),
     ("--moe-ders codec --moe-ders-codecs quant:4 --moe-ders-upcycle-from /x", MOE,
      ["--moe-ders-upcycle-from", "tools/compress.py"]),
@@ -212,4 +216,10 @@ def test_mismatch_reads_the_stored_spellings():
     assert mismatched_ders_flags(run, stored) == []  # defaults filled in, the old bool read as "ders"
     run.moe_ders_drop_rate = 0.9
     assert mismatched_ders_flags(run, stored) == ["--moe-ders-drop-rate: run 0.9, checkpoint 0.99"]
+
+
+@pytest.mark.parametrize("flags", ["--moe-ders lowrank --fp8-format hybrid --moe-router-padding-for-quantization",
+                                   "--moe-ders lowrank --cuda-graph-impl local --cuda-graph-modules attn"])
+def test_gpu_features_that_ders_supports_pass(flags):
+    assert ders_config_from_args(parse(flags)).kind == "lowrank"
 

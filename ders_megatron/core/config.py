@@ -720,12 +720,35 @@ def _check_ders_conflicts(args) -> None:
            "--overlap-param-gather is not supported with --moe-ders: the DeRS deltas and shared "
            "base are used without their module's forward, which is where megatron DDP waits for the "
            "overlapped all-gather; drop the flag (the distributed optimizer itself works)")
+    _check_gpu_features(args)
     if _get(args, "moe_ders_impl", DEFAULTS["impl"]) == "fused":
         # The fused layer dispatches no tokens and keeps every delta on every rank.
         _check(args.expert_model_parallel_size == 1,
                f"--moe-ders-impl fused does not use expert parallelism: set "
                f"--expert-model-parallel-size 1 (got {args.expert_model_parallel_size}) or use "
                "--moe-ders-impl dropin")
+
+
+def _check_gpu_features(args) -> None:
+    """GPU features the DeRS experts do not implement (yet): refused by name, never silently
+    wrong."""
+    quantized = getattr(args, "fp8", None) or getattr(args, "fp4", None)
+    padded = getattr(args, "moe_router_padding_for_quantization", False) or getattr(
+        args, "moe_router_padding_for_fp8", False)
+    _check(not quantized or padded,
+           "--fp8-format/--fp4-format with --moe-ders needs --moe-router-padding-for-quantization: the shared "
+           "base's GEMM runs over all dispatched rows, whose count Transformer Engine's FP8/FP4 GEMMs need "
+           "divisible by 16 (megatron pads the routing map for that)")
+    _check(not getattr(args, "delay_wgrad_compute", False),
+           "--delay-wgrad-compute is not supported with --moe-ders: the DeRS experts compute their weight "
+           "gradients in the backward pass (backward_dw is a no-op), so deferred ones would be dropped")
+    graphs = getattr(args, "cuda_graph_impl", "none") not in (None, "none") or getattr(args, "enable_cuda_graph", False) \
+        or getattr(args, "external_cuda_graph", False)
+    modules = {getattr(m, "name", m) for m in (getattr(args, "cuda_graph_modules", None) or [])}
+    _check(not graphs or (modules and modules <= {"attn", "mlp", "mamba"}),
+           "CUDA graphs that capture the MoE layer (--cuda-graph-impl with no --cuda-graph-modules, or "
+           "moe/moe_router/moe_preprocess) are not supported with --moe-ders: the experts read "
+           "tokens_per_expert on the host. Capture attention only: --cuda-graph-modules attn")
 
 
 # Flags whose effect the DeRS layer spec (ders_megatron/layers/specs.py) does not build:
