@@ -149,6 +149,8 @@ INVALID = [
     ("--moe-ders lowrank --moe-layer-freq [1,0,1]", MOE, ["--moe-layer-freq", "--num-layers"]),
     ("--moe-ders lowrank --qk-layernorm", MOE, ["--qk-layernorm"]),
     ("--moe-ders lowrank --spec local", MOE, ["--spec"]),
+    ("--sft", MOE, ["--sft", "dataset provider"]),
+    ("--fim-data", MOE, ["--fim-data", "dataset provider"]),
     ("--moe-ders lowrank --save /tmp/x", MOE, ["--save needs --save-interval"]),
     ("--moe-ders lowrank --lr-warmup-iters 2", MOE, ["--lr-warmup-iters 2", "--train-iters"]),
     ("--moe-ders lowrank --transformer-impl inference_optimized", MOE,

@@ -64,3 +64,26 @@ def census_reduces_on_the_collective_device():
 def test_parameter_census_reduces_on_the_collective_device(dist2):
     for total, reduced, device in dist2.run(census_reduces_on_the_collective_device):
         assert reduced == [device] and total == 2 * 16  # each rank's Linear(3, 4), summed over 2 ranks
+
+
+def loss_check_results():
+    from ders_megatron.training.utils import check_loss
+
+    outcomes = {}
+    for name, value, check in (("nan", float("nan"), True), ("inf", float("inf"), True), ("finite", 2.5, True),
+                               ("nan-unchecked", float("nan"), False)):
+        try:
+            check_loss(torch.tensor(value), check_nan=check, check_spiky=False)
+            outcomes[name] = "ok"
+        except RuntimeError as err:
+            outcomes[name] = str(err)
+    return outcomes
+
+
+def test_training_loss_gets_megatrons_nan_checks(dist1):
+    """The entry script's loss runs Megatron-LM pretrain_gpt.py's checks through megatron-core's
+    rerun state machine (issue 16: they were skipped): NaN and Inf stop the run."""
+    outcomes = dist1.run(loss_check_results)[0]
+    assert "found NaN in local forward loss" in outcomes["nan"]
+    assert "found Inf in local forward loss" in outcomes["inf"]
+    assert outcomes["finite"] == "ok" and outcomes["nan-unchecked"] == "ok"

@@ -765,9 +765,20 @@ UNSUPPORTED_MODEL_FLAGS = (
 )
 
 
+# Data flags Megatron parses that the entry script's dataset provider (training/data.py,
+# GPTDataset) does not honour: refused instead of parsed and ignored.
+UNSUPPORTED_DATA_FLAGS = (
+    ("sft", "--sft (SFT datasets)"),
+    ("fim_data", "--fim-data (fill-in-the-middle datasets)"),
+)
+
+
 def _check_model_flags(args) -> None:
     for attr, flag in UNSUPPORTED_MODEL_FLAGS:
         _check(not getattr(args, attr, None), f"{flag} is not supported by the DeRS model provider")
+    for attr, flag in UNSUPPORTED_DATA_FLAGS:
+        _check(not getattr(args, attr, None),
+               f"{flag} is not supported by the entry script's GPT dataset provider (ders_megatron/training/data.py)")
 
 
 def _check_megatron_preconditions(args) -> None:

@@ -242,13 +242,43 @@ def read_loss_log(path) -> dict[int, float]:
     return {it: s / n for it, (s, n) in sorted(totals.items())}
 
 
+SPIKY_LOSS_FACTOR = 10  # Megatron-LM pretrain_gpt.py: flag a loss > 10x the largest seen
+
+
+def check_loss(loss: torch.Tensor, check_nan: bool, check_spiky: bool) -> None:
+    """Megatron-LM's ``pretrain_gpt.py`` loss checks, through megatron-core's rerun state
+    machine (``rerun_state_machine.py:464``; with reruns disabled, a rejected result raises):
+    NaN and Inf in the local loss are fatal (``--check-for-nan-in-loss-and-grad``, on by
+    default), a spike of 10x the largest loss seen is reported (``--check-for-spiky-loss``)."""
+    from megatron.core.rerun_state_machine import get_rerun_state_machine
+
+    machine = get_rerun_state_machine()
+    if check_nan:
+        machine.validate_result(result=loss, rejection_func=torch.isnan, tolerance=0.0, fatal=True,
+                                message="found NaN in local forward loss calculation")
+        machine.validate_result(result=loss, rejection_func=torch.isinf, tolerance=0.0, fatal=True,
+                                message="found Inf in local forward loss calculation")
+    if check_spiky:
+        machine.validate_result(
+            result=loss, tolerance=0.0, fatal=False, message="Spiky loss",
+            rejection_func=functools.partial(machine.is_unexpectedly_large, threshold=SPIKY_LOSS_FACTOR,
+                                             context="loss"))
+
+
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor,
               loss_log: LossLog | None = None):
-    """Summed masked token loss, token count, and the ``lm loss`` report (0.19.2 contract)."""
+    """Summed masked token loss, token count, and the ``lm loss`` report (0.19.2 contract),
+    with Megatron-LM's NaN/Inf and spiky-loss checks (:func:`check_loss`) in training."""
     losses = output_tensor.view(-1).float()
     mask = loss_mask.view(-1).float()
     loss = torch.sum(losses * mask)
     num_tokens = mask.sum().clone().detach().to(torch.int)
+    if output_tensor.requires_grad:  # training, not evaluation
+        from megatron.training import get_args
+
+        args = get_args()
+        check_loss(loss, getattr(args, "check_for_nan_in_loss_and_grad", True),
+                   getattr(args, "check_for_spiky_loss", False))
     report = {"lm loss": torch.cat([loss.clone().detach().view(1), num_tokens.view(1)])}
     if loss_log is not None and output_tensor.requires_grad:  # training, not evaluation
         from megatron.core import parallel_state
