@@ -16,9 +16,10 @@ norms fused into linears in the local spec are renamed
 ``SequentialMLP`` experts get an experts axis (``mlp.experts.experts.linear_fc1.weight``
 is ``[num_layers, E, ...]``). DeRS keys are listed in ``docs/design.md``.
 
-Checkpoints are data: the common state is read by megatron with
-``torch.load(weights_only=True)`` (``dist_checkpointing/serialization.py:236``)
-and tensors through torch.distributed.checkpoint; nothing in a file is executed.
+Checkpoints are data: every read here goes through :mod:`ders_megatron.io.safe_load`
+(``.metadata`` and the common state through allow-lists, and a checkpoint handed
+to megatron's own loaders is checked first), so nothing in a file is executed;
+``--trust-checkpoint`` (:func:`~ders_megatron.io.safe_load.trust_checkpoints`) opts out.
 
 Tools that write a whole checkpoint use :func:`atomic_output_dir`: they write
 into a temporary sibling directory and rename it at the end, so a crash never
@@ -36,11 +37,11 @@ from pathlib import Path
 
 import torch
 
+# CheckpointError lives below safe_load (io/errors.py); callers import it from here as before.
+from ders_megatron.io.errors import CheckpointError
+from ders_megatron.io.safe_load import common_state, read_metadata, vet_checkpoint
+
 TRACKER = "latest_checkpointed_iteration.txt"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, incomplete, or not what the caller needs."""
 
 
 def tracker_path(root) -> Path:
@@ -124,6 +125,7 @@ def load_model(model_chunks, root, strict: bool = True) -> dict:
 
     chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
     path = latest_dir(root)
+    vet_checkpoint(path)
     metadata = {"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
     request = {
         ("model" if len(chunks) == 1 else f"model{i}"): chunk.sharded_state_dict(metadata=metadata)
@@ -136,10 +138,9 @@ def load_model(model_chunks, root, strict: bool = True) -> dict:
 
 
 def load_common(root) -> dict:
-    """The non-tensor state (args, iteration, checkpoint_version) of the latest checkpoint."""
-    from megatron.core import dist_checkpointing
-
-    return dist_checkpointing.load_common_state_dict(str(latest_dir(root)))
+    """The non-tensor state (args, iteration, checkpoint_version) of the latest checkpoint,
+    read through the allow-list (:func:`ders_megatron.io.safe_load.common_state`)."""
+    return common_state(latest_dir(root))
 
 
 def stored_args(root):
@@ -159,11 +160,16 @@ def stored_args(root):
 
 
 def tensor_shapes(root) -> dict[str, tuple[torch.Size, torch.dtype]]:
-    """Global shape and dtype of every tensor key, read from the metadata only."""
-    from megatron.core import dist_checkpointing
+    """Global shape and dtype of every tensor key, read from the metadata only.
+
+    megatron's ``load_tensors_metadata`` takes metadata already read
+    (``dist_checkpointing/strategies/torch.py:1008``): ours, through the allow-list.
+    """
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
 
     ensure_process_group()
-    meta = dist_checkpointing.load_tensors_metadata(str(latest_dir(root)))
+    path = latest_dir(root)
+    meta = TorchDistLoadShardedStrategy().load_tensors_metadata(path, metadata=read_metadata(path))
     return {key: (sh.global_shape, sh.dtype) for key, sh in meta.items()}
 
 
@@ -196,7 +202,9 @@ def load_full_tensors(root, keys: list[str]) -> dict[str, torch.Tensor]:
         key: ShardedTensor.from_rank_offsets(key, torch.empty(shapes[key][0], dtype=shapes[key][1]), replica_id=0)
         for key in keys
     }
-    return dist_checkpointing.load(request, str(latest_dir(root)))
+    path = latest_dir(root)
+    vet_checkpoint(path)
+    return dist_checkpointing.load(request, str(path))
 
 
 @contextlib.contextmanager

@@ -7,7 +7,9 @@ is ``[L, E, 2F, H]`` for SequentialMLP experts, the model's whole expert volume)
 Here a request is the slab of ONE layer, read through
 ``torch.distributed.checkpoint`` with a load planner that asks for that chunk
 only (``create_read_items_for_chunk_list`` intersects it with the saved shards),
-so memory stays at one layer's tensors.
+so memory stays at one layer's tensors. ``.metadata`` and the common state are read
+through the allow-lists of :mod:`ders_megatron.io.safe_load`; tensors are
+``weights_only`` in torch's reader already.
 
 Parameter name -> checkpoint key (the rules megatron-core applies on save):
 
@@ -29,7 +31,6 @@ import re
 import warnings
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import load as dcp_load
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
@@ -37,6 +38,7 @@ from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from ders_megatron.io.checkpoint import CheckpointError, latest_dir, load_common
+from ders_megatron.io.safe_load import SafeFileSystemReader, read_metadata
 
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
 _LOCAL_EXPERT = re.compile(r"(.*experts\.)local_experts\.(\d+)\.(.+)")
@@ -90,9 +92,10 @@ class CheckpointReader:
         if common.get("args") is None:
             raise CheckpointError(f"{self.path} stores no 'args': cannot tell the model's dimensions")
         self.args = common["args"]
+        self.checkpoint_metadata = read_metadata(self.path)
         self.metadata = {
             key: md
-            for key, md in FileSystemReader(str(self.path)).read_metadata().state_dict_metadata.items()
+            for key, md in self.checkpoint_metadata.state_dict_metadata.items()
             if isinstance(md, TensorStorageMetadata)
         }
 
@@ -155,6 +158,6 @@ class CheckpointReader:
             dests[key] = torch.empty(shape, dtype=md.properties.dtype)
             offsets[key] = tuple(start)
         with _single_process():
-            dcp_load(dests, storage_reader=FileSystemReader(str(self.path)), planner=_ChunkPlanner(offsets),
-                     no_dist=True)
+            reader = SafeFileSystemReader(str(self.path), self.checkpoint_metadata)  # no second unpickling
+            dcp_load(dests, storage_reader=reader, planner=_ChunkPlanner(offsets), no_dist=True)
         return {(key, layer): dests[key][0] if layer is not None else dests[key] for key, layer in slabs}

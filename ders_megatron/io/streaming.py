@@ -8,7 +8,9 @@ ever holding a whole model:
   ``ShardedTensor`` s without prepended axes (a leading size-1 axis instead), which
   megatron-core routes through DCP's resharding reader
   (``dist_checkpointing/strategies/torch.py:292``: only prepended or flattened
-  tensors take the legacy path that needs a regular shard grid).
+  tensors take the legacy path that needs a regular shard grid). The checkpoint is
+  checked first (:func:`ders_megatron.io.safe_load.vet_checkpoint`): megatron's
+  loader unpickles ``.metadata`` and the common state with no allow-list.
 * **Planning** (:func:`plan_model`): the target model is built on the ``meta``
   device at world size 1 (no memory), and its ``sharded_state_dict`` says every
   key, chunk, dtype and ``ShardedObject`` that ``--load`` will ask for, whatever
@@ -39,6 +41,7 @@ import torch
 
 from ders_megatron.io.checkpoint import CheckpointError, ensure_process_group, latest_dir, tensor_shapes, write_tracker
 from ders_megatron.io.model import build_gpt
+from ders_megatron.io.safe_load import vet_checkpoint
 
 # megatron.training's save content metadata (training/checkpointing.py:507-508), minus the
 # process group and the distributed-optimizer keys (release checkpoints hold no optimizer).
@@ -150,8 +153,10 @@ def read_slices(root, requests: list[SliceRequest], shapes=None, out: list | Non
         sharded[str(unique[request])] = request.sharded_tensor(global_shape, dtype)
     from torch.distributed.checkpoint.api import CheckpointException
 
+    path = latest_dir(root)
+    vet_checkpoint(path)
     try:
-        loaded = dist_checkpointing.load(sharded, str(latest_dir(root)), validate_access_integrity=False)
+        loaded = dist_checkpointing.load(sharded, str(path), validate_access_integrity=False)
     except CheckpointError:
         raise
     except (Exception, CheckpointException) as err:  # DCP's is a BaseException; name the checkpoint
