@@ -31,11 +31,11 @@ def main(argv=None) -> None:
     from megatron.training import get_args, pretrain, print_rank_0
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
 
+    from ders_megatron.io.checkpoint import CheckpointError
     from ders_megatron.training.arguments import DeRSArgumentError, initialize_args
     from ders_megatron.training.data import train_valid_test_datasets_provider
     from ders_megatron.training.provider import DeRSModelProvider
     from ders_megatron.training.utils import (
-        IncompleteCheckpointError,
         LossLog,
         check_resume_checkpoint,
         forward_step,
@@ -48,7 +48,7 @@ def main(argv=None) -> None:
         # 1000 was Megatron-LM's default.
         args = initialize_args(argv, args_defaults={"eval_interval": 1000})
         check_resume_checkpoint(args)  # --load: never a half-written checkpoint
-    except (DeRSArgumentError, IncompleteCheckpointError) as err:
+    except (DeRSArgumentError, CheckpointError) as err:  # CheckpointError: incomplete, or holds code
         print(f"pretrain_gpt_ders.py: error: {err}", file=sys.stderr)
         sys.exit(2)
 

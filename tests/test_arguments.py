@@ -39,6 +39,7 @@ FROZEN_FLAGS = (
     "--moe-ders-seed",
     "--moe-ders-shared-expert",
     "--moe-ders-upcycle-from",
+    "--trust-checkpoint",  # issue 19: the opt-out of the checkpoint allow-lists
 )
 
 BASE = (

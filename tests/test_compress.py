@@ -280,7 +280,7 @@ def test_cli_flags_are_frozen():
     assert flags == sorted([
         "-h", "--help", "--load", "--save", "--force", "--moe-ders-codecs", "--base", "--dense", "--moe-ders-seed",
         "--moe-ders-quant-group-size", "--moe-ders-shared-expert", "--calib-data", "--eval-data", "--seq-length",
-        "--batch-size", "--calib-batches", "--eval-batches", "--file-bytes", "--json",
+        "--batch-size", "--calib-batches", "--eval-batches", "--file-bytes", "--json", "--trust-checkpoint",
     ])
 
 

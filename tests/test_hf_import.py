@@ -221,5 +221,5 @@ def test_convert_hf_cli_flags_are_frozen():
         "import": sorted(["--force", "--hf-dir", "--make-vocab-size-divisible-by", "--output",
                           "--tensor-model-parallel-size", "-h", "--help"]),
         "export": sorted(["--checkpoint", "--dtype", "--force", "--format", "--max-shard-size", "--no-progress",
-                          "--output", "--tokenizer", "-h", "--help"]),
+                          "--output", "--tokenizer", "--trust-checkpoint", "-h", "--help"]),
     }

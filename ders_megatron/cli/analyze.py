@@ -7,10 +7,11 @@ import argparse
 import json
 from pathlib import Path
 
-from ders_megatron.cli.flags import add_seed_flag
+from ders_megatron.cli.flags import add_seed_flag, add_trust_flag
 from ders_megatron.convert.analyze import expert_similarity, plot_similarity, plot_sweep, sweep
 from ders_megatron.core.config import DEFAULTS
 from ders_megatron.io.checkpoint import CheckpointError
+from ders_megatron.io.safe_load import trust_checkpoints
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--dense", default=None, metavar="DIR", help="dense checkpoint (default: compare to the expert mean)")
     sim.add_argument("--out", required=True, metavar="PNG")
     sim.add_argument("--json", default=None, metavar="FILE")
+    add_trust_flag(sim)
     sw = sub.add_parser("sweep", help="held-out loss against drop rate / bit width / rank (paper Figs. 4-6)")
     sw.add_argument("--load", required=True, metavar="DIR", help="vanilla MoE checkpoint")
     sw.add_argument("--sweep-codecs", required=True,
@@ -35,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--eval-batches", type=int, default=16)
     sw.add_argument("--out", required=True, metavar="PNG")
     sw.add_argument("--json", default=None, metavar="FILE")
+    add_trust_flag(sw)
     return p
 
 
@@ -43,23 +46,30 @@ def main(argv=None) -> int:
 
     ns = build_parser().parse_args(argv)
     try:
-        if ns.command == "similarity":
-            result = expert_similarity(ns.load, ns.dense)
-            plot_similarity(result, ns.out)
-            low = min(v for rows in result["matrices"].values() for r in rows for v in r)
-            print(f"expert vs {result['reference']} FFN cosine: min {low:.6f} over "
-                  f"{len(result['layers'])} MoE layers -> {ns.out}")
-        else:
-            result = sweep(ns.load, [c for c in ns.sweep_codecs.split(",") if c], base=ns.base, dense_root=ns.dense,
-                           eval_data=ns.eval_data, calib_data=ns.calib_data, seed=ns.moe_ders_seed,
-                           group_size=ns.moe_ders_quant_group_size, seq_length=ns.seq_length, eval_batches=ns.eval_batches)
-            plot_sweep(result, ns.out)
-            print(f"vanilla MoE held-out loss {result['baseline']['loss']:.4f}")
-            for row in result["results"]:
-                print(f"  {row['codec']:>14}: loss {row['loss']:.4f}")
+        with trust_checkpoints(ns.trust_checkpoint):
+            result = _analysis(ns)
     except (CheckpointError, ValueError) as err:
         print(f"analyze: error: {err}", file=sys.stderr)
         return 2
     if ns.json:
         Path(ns.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
+
+
+def _analysis(ns) -> dict:
+    """The subcommand's computation and plot; returns what ``--json`` writes."""
+    if ns.command == "similarity":
+        result = expert_similarity(ns.load, ns.dense)
+        plot_similarity(result, ns.out)
+        low = min(v for rows in result["matrices"].values() for r in rows for v in r)
+        print(f"expert vs {result['reference']} FFN cosine: min {low:.6f} over "
+              f"{len(result['layers'])} MoE layers -> {ns.out}")
+        return result
+    result = sweep(ns.load, [c for c in ns.sweep_codecs.split(",") if c], base=ns.base, dense_root=ns.dense,
+                   eval_data=ns.eval_data, calib_data=ns.calib_data, seed=ns.moe_ders_seed,
+                   group_size=ns.moe_ders_quant_group_size, seq_length=ns.seq_length, eval_batches=ns.eval_batches)
+    plot_sweep(result, ns.out)
+    print(f"vanilla MoE held-out loss {result['baseline']['loss']:.4f}")
+    for row in result["results"]:
+        print(f"  {row['codec']:>14}: loss {row['loss']:.4f}")
+    return result

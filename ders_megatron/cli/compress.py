@@ -6,11 +6,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ders_megatron.cli.flags import add_codec_flags, add_seed_flag, add_shared_expert_flag
+from ders_megatron.cli.flags import add_codec_flags, add_seed_flag, add_shared_expert_flag, add_trust_flag
 from ders_megatron.convert.compress.pipeline import SHARED_MODES, CompressConfig, compress_checkpoint
 from ders_megatron.convert.compress.report import format_report
 from ders_megatron.core.decomposition import BASES
 from ders_megatron.io.checkpoint import CheckpointError
+from ders_megatron.io.safe_load import trust_checkpoints
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load", required=True, metavar="DIR", help="trained vanilla MoE checkpoint root")
     p.add_argument("--save", required=True, metavar="DIR", help="output DeRS checkpoint root")
     p.add_argument("--force", action="store_true", help="replace an existing --save directory")
+    add_trust_flag(p)
     add_codec_flags(p, required=True)
     p.add_argument("--base", choices=BASES, default="mean",
                    help="dense: the upcycling source (--dense); mean: expert mean; fisher: D2-MoE "
@@ -54,7 +56,8 @@ def main(argv=None) -> int:
             seq_length=ns.seq_length, batch_size=ns.batch_size, calib_batches=ns.calib_batches,
             eval_batches=ns.eval_batches,
         )
-        report = compress_checkpoint(ns.load, ns.save, cfg, force=ns.force, file_bytes=ns.file_bytes)
+        with trust_checkpoints(ns.trust_checkpoint):
+            report = compress_checkpoint(ns.load, ns.save, cfg, force=ns.force, file_bytes=ns.file_bytes)
     except (CheckpointError, ValueError) as err:
         print(f"compress: error: {err}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@
                          [--tensor-model-parallel-size 1] [--force]
     convert_hf.py export --checkpoint CKPT --output DIR --format {mixtral,qwen2_moe,ders,llama,qwen2}
                          [--tokenizer DIR] [--max-shard-size 5GB] [--dtype ...] [--force]
+                         [--trust-checkpoint]
 
 Bad input (unknown architecture or format, a checkpoint without MoE for a MoE
 format, an existing output without --force) ends with ``error: ...`` and exit
@@ -15,7 +16,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ders_megatron.cli.flags import add_trust_flag
 from ders_megatron.convert.hf.dims import EXPORT_FORMATS
+from ders_megatron.io.safe_load import trust_checkpoints
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="dtype of the written weights (default: the checkpoint's)")
     exp.add_argument("--force", action="store_true", help="replace an existing --output")
     exp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_trust_flag(exp)
     return parser
 
 
@@ -59,16 +63,17 @@ def run(args: argparse.Namespace):
         )
     from ders_megatron.convert.hf.exporter import export_hf
 
-    return export_hf(
-        args.checkpoint,
-        args.output,
-        fmt=args.format,
-        tokenizer=args.tokenizer,
-        max_shard_size=args.max_shard_size,
-        dtype=args.dtype,
-        force=args.force,
-        progress=not args.no_progress,
-    )
+    with trust_checkpoints(args.trust_checkpoint):
+        return export_hf(
+            args.checkpoint,
+            args.output,
+            fmt=args.format,
+            tokenizer=args.tokenizer,
+            max_shard_size=args.max_shard_size,
+            dtype=args.dtype,
+            force=args.force,
+            progress=not args.no_progress,
+        )
 
 
 def main(argv=None) -> int:

@@ -7,6 +7,7 @@ import argparse
 import ast
 
 from ders_megatron.core.config import CODECS, DEFAULTS, IMPLS, KINDS, SHARED_EXPERTS, check_kind_flags
+from ders_megatron.io.safe_load import TRUST_FLAG
 
 _FREQ_MAX_LAYERS = 100_000  # bound on list expressions such as "[1]*10**9"
 
@@ -53,6 +54,14 @@ def add_kind_flags(p: argparse.ArgumentParser, kinds=KINDS) -> None:
                    help=f"lowrank: rank of each delta (default {DEFAULTS['rank']})")
     p.add_argument("--moe-ders-drop-rate", type=float, default=None,
                    help=f"sparse: fraction p of zeros, density 1-p (default {DEFAULTS['drop_rate']})")
+
+
+def add_trust_flag(p: argparse.ArgumentParser) -> None:
+    """``--trust-checkpoint``: the opt-out of :mod:`ders_megatron.io.safe_load`'s allow-lists."""
+    p.add_argument(TRUST_FLAG, action="store_true",
+                   help="read the checkpoints without the allow-list of what a checkpoint may hold: their "
+                   "pickles can then run code on this machine (a warning says so). Only for files you "
+                   "made or whose source you trust.")
 
 
 def add_seed_flag(p: argparse.ArgumentParser, what: str) -> None:

@@ -11,11 +11,13 @@ from ders_megatron.cli.flags import (
     add_kind_flags,
     add_seed_flag,
     add_shared_expert_flag,
+    add_trust_flag,
     kind_values,
     parse_moe_layer_freq,
 )
 from ders_megatron.convert.upcycle import KINDS, SHARED_INITS, UpcycleConfig, upcycle_checkpoint
 from ders_megatron.io.checkpoint import CheckpointError
+from ders_megatron.io.safe_load import trust_checkpoints
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load", required=True, metavar="DIR", help="dense checkpoint root (with its tracker file)")
     p.add_argument("--save", required=True, metavar="DIR", help="output checkpoint root (must not exist)")
     p.add_argument("--force", action="store_true", help="replace an existing --save directory")
+    add_trust_flag(p)
     add_kind_flags(p, kinds=KINDS)
     p.add_argument("--num-experts", type=int, required=True)
     p.add_argument("--moe-router-topk", type=int, default=2)
@@ -86,8 +89,9 @@ def main(argv=None) -> int:
     ns = build_parser().parse_args(argv)
     try:
         cfg = config_from_cli(ns)
-        summary = upcycle_checkpoint(ns.load, ns.save, cfg, force=ns.force,
-                                     transformer_impl=ns.transformer_impl, file_bytes=ns.file_bytes)
+        with trust_checkpoints(ns.trust_checkpoint):
+            summary = upcycle_checkpoint(ns.load, ns.save, cfg, force=ns.force,
+                                         transformer_impl=ns.transformer_impl, file_bytes=ns.file_bytes)
     except (CheckpointError, ValueError) as err:
         print(f"upcycle: error: {err}", file=sys.stderr)
         return 2

@@ -8,8 +8,10 @@ so a bad combination fails before any work (tokenizer, process groups, data):
 
 1. ``--cpu`` fills in the settings a CPU/gloo run needs (:data:`CPU_SETTINGS`);
 2. :func:`ders_megatron.core.config.validate_ders_args` rejects what DeRS cannot
-   run, naming the flags; with ``--load``, the DeRS settings stored in the
-   checkpoint are compared with the flags (:func:`check_load_matches_flags`).
+   run, naming the flags; with ``--load``, the checkpoint is read through the
+   allow-lists of :mod:`ders_megatron.io.safe_load` before megatron reads it
+   (:func:`check_load_is_data`; ``--trust-checkpoint`` opts out) and the DeRS
+   settings stored in it are compared with the flags (:func:`check_load_matches_flags`).
 
 The flags' values, defaults and their mapping to a
 :class:`~ders_megatron.core.config.DeRSConfig` live in :mod:`ders_megatron.core.config`
@@ -34,6 +36,7 @@ from ders_megatron.core.config import (
     mismatched_ders_flags,
     validate_ders_args,
 )
+from ders_megatron.io.safe_load import TRUST_FLAG, trust_checkpoints, vet_checkpoint
 
 # --cpu: (args attribute, value for CPU, megatron 0.19.2 default, flag to pass).
 # tests/test_arguments.py checks the defaults against Megatron's parser.
@@ -92,6 +95,10 @@ def add_ders_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--ders-loss-log", default=None, metavar="FILE",
                        help="Append each training iteration's LM loss at full precision as a "
                        "JSON line (rank 0 writes).")
+    group.add_argument(TRUST_FLAG, action="store_true",
+                       help="Read --load / --pretrained-checkpoint without the allow-list of what a "
+                       "checkpoint may hold: its pickles can then run code on this machine (a warning "
+                       "says so). Only for checkpoints you made or whose source you trust.")
     group = parser.add_argument_group(title="CPU runtime (ders-megatron)")
     group.add_argument("--cpu", action="store_true",
                        help="Run megatron-core on CPU with gloo (ders_megatron.layers.runtime); implies "
@@ -153,6 +160,27 @@ def check_upcycle_source(args) -> None:
                                 f"(--num-experts {dense_args.num_experts}); upcycling starts from a dense one")
 
 
+def check_load_is_data(args) -> None:
+    """Read every pickle of the checkpoints ``--load`` and ``--pretrained-checkpoint``
+    name through the allow-lists (:func:`ders_megatron.io.safe_load.vet_checkpoint`)
+    before megatron.training reads them: it reads the common state and builds its
+    load strategy itself (``training/checkpointing.py:1562,1575``), with no seam for a
+    safe reader. Inside ``trust_checkpoints`` (``--trust-checkpoint``) nothing is checked.
+    Only torch_dist checkpoints; the legacy ``--ckpt-format torch`` is megatron's alone.
+    """
+    from ders_megatron.training.utils import checkpoint_to_resume
+
+    if args.ckpt_format == "torch":
+        return
+    roots = [(args.pretrained_checkpoint, None)]
+    if args.non_persistent_ckpt_type != "local":
+        roots.append((args.load, getattr(args, "ckpt_step", None)))
+    for root, step in roots:
+        found = checkpoint_to_resume(root, True, step) if root is not None else None
+        if found is not None:
+            vet_checkpoint(found[1])
+
+
 def check_load_matches_flags(args) -> None:
     """With ``--load`` of a checkpoint that holds args (Megatron-LM and our tools save
     them), refuse flags that would build another DeRS model than the one stored, naming
@@ -212,16 +240,18 @@ def validated_args(argv: list[str] | None = None, args_defaults: dict[str, Any] 
     args = parse_ders_args(argv)
     select_runtime(args.cpu)
     patch_megatron_training(cpu=args.cpu)  # validate_args needs it on CPU
-    if args.use_checkpoint_args or args_defaults.get("use_checkpoint_args", False):
-        from megatron.training.checkpointing import load_args_from_checkpoint
+    with trust_checkpoints(args.trust_checkpoint):  # --trust-checkpoint: says so, loudly
+        check_load_is_data(args)  # before megatron reads the checkpoint (load_args_from_checkpoint)
+        if args.use_checkpoint_args or args_defaults.get("use_checkpoint_args", False):
+            from megatron.training.checkpointing import load_args_from_checkpoint
 
-        if args.load is None and args.pretrained_checkpoint is None:
-            raise DeRSArgumentError("--use-checkpoint-args needs --load or --pretrained-checkpoint")
-        load_args_from_checkpoint(args, load_arg="pretrained_checkpoint")
-        load_args_from_checkpoint(args)
-        check_ders_args(args)
-    check_load_matches_flags(args)
-    check_upcycle_source(args)
+            if args.load is None and args.pretrained_checkpoint is None:
+                raise DeRSArgumentError("--use-checkpoint-args needs --load or --pretrained-checkpoint")
+            load_args_from_checkpoint(args, load_arg="pretrained_checkpoint")
+            load_args_from_checkpoint(args)
+            check_ders_args(args)
+        check_load_matches_flags(args)
+        check_upcycle_source(args)  # reads the dense checkpoint's common state: vetted too
     if args.yaml_cfg is not None:
         raise DeRSArgumentError("--yaml-cfg is not supported with the DeRS flags")
     validate_args(args, args_defaults)

@@ -164,6 +164,14 @@ def resume_iteration(load_dir, use_dist_ckpt: bool = True, ckpt_step: int | None
     Raises :class:`IncompleteCheckpointError` for a tracker that is empty or
     garbled, or that points at a directory whose save did not finish.
     """
+    found = checkpoint_to_resume(load_dir, use_dist_ckpt, ckpt_step)
+    return None if found is None else found[0]
+
+
+def checkpoint_to_resume(load_dir, use_dist_ckpt: bool = True, ckpt_step: int | None = None):
+    """(iteration, directory) that ``--load load_dir`` reads, as megatron.training picks
+    it (``checkpointing.py:1633-1700``: the tracker, or ``--ckpt-step``); None: nothing
+    to load. Errors as :func:`resume_iteration`."""
     root = Path(load_dir)
     tracker = root / TRACKER
     if not tracker.is_file() and not ckpt_step:
@@ -183,7 +191,7 @@ def resume_iteration(load_dir, use_dist_ckpt: bool = True, ckpt_step: int | None
             f"--load {root}: {path.name} is incomplete (its save did not finish); point "
             f"{TRACKER} at an earlier complete iteration or remove {path.name}."
         )
-    return iteration
+    return iteration, path
 
 
 def check_resume_checkpoint(args) -> int | None:
