@@ -132,10 +132,12 @@ class UnsafeCheckpointError(CheckpointError):
     """A checkpoint holds something that could run code when loaded; nothing was run."""
 
 
-def refusal(source, part: str, what: str) -> str:
-    """The one message for a refused global: the file, the part, the global, the way out."""
-    return (f"checkpoint {source}: {part} holds {what}, which a checkpoint never needs; refusing "
-            f"to load it (pass {TRUST_FLAG} if you trust this file)")
+def refusal(source, what: str, part: str | None = None) -> str:
+    """The one message for a refused global: the file (and the object in it), the
+    global, the way out."""
+    where = f"checkpoint {source}" + (f": {part}" if part else "")
+    return (f"{where} holds {what}, which a checkpoint never needs; refusing to load it "
+            f"(pass {TRUST_FLAG} if you trust this file)")
 
 
 # --------------------------------------------------------------------------- #
@@ -188,7 +190,7 @@ class SafeUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if f"{module}.{name}" in METADATA_GLOBALS or _is_torch_dtype(module, name):
             return super().find_class(module, name)
-        raise UnsafeCheckpointError(refusal(self.source, METADATA_FILE, f"{module}.{name}"))
+        raise UnsafeCheckpointError(refusal(self.source, f"{module}.{name}"))
 
 
 def load_object(stream, source, part: str):
@@ -200,7 +202,7 @@ def load_object(stream, source, part: str):
             stream.seek(0)
             names = torch.serialization.get_unsafe_globals_in_checkpoint(stream)
             what = ", ".join(names) if names else str(err).strip().splitlines()[0]
-            raise UnsafeCheckpointError(refusal(source, part, what)) from None
+            raise UnsafeCheckpointError(refusal(source, what, part)) from None
 
 
 class SafeFileSystemReader(FileSystemReader):
