@@ -21,7 +21,7 @@ Here both pickles are read through allow-lists of what a checkpoint needs:
 ``.metadata`` through :class:`SafeUnpickler` (:data:`METADATA_GLOBALS`: torch's
 checkpoint metadata classes, read off ``torch/distributed/checkpoint/metadata.py`` and
 ``planner.py`` and off real checkpoints), byte objects through ``torch.load(weights_only=True)``
-with :data:`COMMON_STATE_GLOBALS` (what megatron stores: its argument ``Namespace``
+with :func:`common_state_globals` (what megatron stores: its argument ``Namespace``
 and the enums in it, the rerun state, numpy RNG state). Anything else is refused with
 :class:`UnsafeCheckpointError`, naming the file and the global.
 
@@ -102,13 +102,15 @@ METADATA_GLOBALS = frozenset({
 })
 
 
-def _common_state_globals() -> list:
+@functools.cache
+def common_state_globals() -> list:
     """What megatron stores in the common state and its ``ShardedObject`` s, beyond what
     ``weights_only`` allows anyway (containers, tensors, torch dtypes): the args
     ``Namespace`` and the enums its parser and ``validate_args`` put into it
     (``training/arguments.py``: ``AttnBackend``, ``exit_signal``, the CUDA-graph scopes;
     ``ModelType`` from ``pretrain``), the rerun state machine's state
-    (``core/rerun_state_machine.py:60-90``) and the numpy RNG state in ``rng_state``."""
+    (``core/rerun_state_machine.py:60-90``) and the numpy RNG state in ``rng_state``.
+    Built on first use: importing this module imports no megatron."""
     import numpy
     from megatron.core.enums import ModelType
     from megatron.core.rerun_state_machine import RerunDiagnostic, RerunMode, RerunState
@@ -121,9 +123,6 @@ def _common_state_globals() -> list:
         numpy.ndarray, numpy.dtype, reconstruct,
         (reconstruct, "numpy.core.multiarray._reconstruct"),  # the name numpy 1.x pickled it under
     ]
-
-
-COMMON_STATE_GLOBALS = _common_state_globals()
 
 _TRUSTED = contextvars.ContextVar("ders_trust_checkpoints", default=False)
 
@@ -194,8 +193,8 @@ class SafeUnpickler(pickle.Unpickler):
 
 
 def load_object(stream, source, part: str):
-    """``torch.load(weights_only=True)`` of one byte object, with :data:`COMMON_STATE_GLOBALS`."""
-    with torch.serialization.safe_globals(COMMON_STATE_GLOBALS):
+    """``torch.load(weights_only=True)`` of one byte object, with :func:`common_state_globals`."""
+    with torch.serialization.safe_globals(common_state_globals()):
         try:
             return torch.load(stream, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
