@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import ast
 
-from ders_megatron.core.config import CODECS, DEFAULTS, IMPLS, KINDS, SHARED_EXPERTS, check_kind_flags
-from ders_megatron.io.safe_load import TRUST_FLAG
+from ders_megatron.core.config import CODECS, DEFAULTS, IMPLS, KINDS, SHARED_EXPERTS, TRUST_FLAG, check_kind_flags
+
 
 _FREQ_MAX_LAYERS = 100_000  # bound on list expressions such as "[1]*10**9"
 

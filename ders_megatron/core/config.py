@@ -43,6 +43,7 @@ IMPLS = ("dropin", "fused")  # --moe-ders-impl
 CODECS = ("dare", "magnitude", "quant", "svd", "wsvd")  # --moe-ders-codecs
 QUANT_BITS = (1, 2, 3, 4, 8)
 MATRIX_NAMES = ("fc1", "fc1_gate", "fc1_up", "fc2")  # what a codec spec may name; fc1 covers gate/up
+TRUST_FLAG = "--trust-checkpoint"  # the opt-out of the checkpoint allow-lists (io/safe_load.py), every tool
 
 DEFAULTS = dict(
     kind="vanilla",  # --moe-ders

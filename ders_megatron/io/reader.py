@@ -26,9 +26,7 @@ Parameter name -> checkpoint key (the rules megatron-core applies on save):
 
 from __future__ import annotations
 
-import contextlib
 import re
-import warnings
 
 import torch
 from torch.distributed.checkpoint import load as dcp_load
@@ -38,7 +36,7 @@ from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from ders_megatron.io.checkpoint import CheckpointError, latest_dir, load_common
-from ders_megatron.io.safe_load import SafeFileSystemReader, read_metadata
+from ders_megatron.io.safe_load import SafeFileSystemReader, read_metadata, single_process_reads
 
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
 _LOCAL_EXPERT = re.compile(r"(.*experts\.)local_experts\.(\d+)\.(.+)")
@@ -46,15 +44,6 @@ _NORM_RENAMES = (
     ("input_layernorm.", "self_attention.linear_qkv.layer_norm_"),
     ("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_"),
 )
-
-
-@contextlib.contextmanager
-def _single_process():
-    """torch.distributed.checkpoint warns on every read without a process group; a
-    single-process read is the intent here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
 
 
 class _ChunkPlanner(DefaultLoadPlanner):
@@ -87,7 +76,7 @@ class CheckpointReader:
     def __init__(self, root):
         self.root = root
         self.path = latest_dir(root)
-        with _single_process():
+        with single_process_reads():
             common = load_common(root)
         if common.get("args") is None:
             raise CheckpointError(f"{self.path} stores no 'args': cannot tell the model's dimensions")
@@ -157,7 +146,7 @@ class CheckpointReader:
                 shape[0], start[0] = 1, layer
             dests[key] = torch.empty(shape, dtype=md.properties.dtype)
             offsets[key] = tuple(start)
-        with _single_process():
+        with single_process_reads():
             reader = SafeFileSystemReader(str(self.path), self.checkpoint_metadata)  # no second unpickling
             dcp_load(dests, storage_reader=reader, planner=_ChunkPlanner(offsets), no_dist=True)
         return {(key, layer): dests[key][0] if layer is not None else dests[key] for key, layer in slabs}

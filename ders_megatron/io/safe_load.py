@@ -64,11 +64,11 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 
+from ders_megatron.core.config import TRUST_FLAG
 from ders_megatron.io.errors import CheckpointError
 
 METADATA_FILE = ".metadata"
 LEGACY_COMMON_FILE = "common.pt"  # megatron's COMMON_STATE_FNAME (dist_checkpointing/strategies/common.py)
-TRUST_FLAG = "--trust-checkpoint"
 
 # "module.name" of every class and function a torch_dist .metadata pickle names, and torch's
 # dtypes (torch.float32, ...: see _is_torch_dtype). Read off torch/distributed/checkpoint/metadata.py
@@ -247,7 +247,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 # Reads
 # --------------------------------------------------------------------------- #
 @contextlib.contextmanager
-def _single_process():
+def single_process_reads():
     """torch.distributed.checkpoint warns on every read without a process group; a
     single-process read is the intent here."""
     with warnings.catch_warnings():
@@ -285,7 +285,7 @@ def read_objects(path, keys=None, metadata: Metadata | None = None) -> dict:
         return state
     reader = SafeFileSystemReader(str(path), metadata)
     try:
-        with _single_process():
+        with single_process_reads():
             dcp_load(state, storage_reader=reader, planner=SafeLoadPlanner(path), no_dist=True)
     except CheckpointException as err:  # a BaseException wrapping what the planner raised
         raise _first_checkpoint_error(err, path) from None

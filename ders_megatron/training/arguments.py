@@ -26,6 +26,7 @@ from typing import Any
 
 from ders_megatron.io.checkpoint import CheckpointError, stored_args
 from ders_megatron.core.config import (
+    TRUST_FLAG,
     CODECS,
     DEFAULTS,
     IMPLS,
@@ -36,7 +37,7 @@ from ders_megatron.core.config import (
     mismatched_ders_flags,
     validate_ders_args,
 )
-from ders_megatron.io.safe_load import TRUST_FLAG, trust_checkpoints, vet_checkpoint
+from ders_megatron.io.safe_load import trust_checkpoints, vet_checkpoint
 
 # --cpu: (args attribute, value for CPU, megatron 0.19.2 default, flag to pass).
 # tests/test_arguments.py checks the defaults against Megatron's parser.
