@@ -90,26 +90,35 @@ class DenseSource:
         self.shapes = tensor_shapes(root)
         self.suffixes = {layer_suffix(key) for key in self.shapes if key.startswith("decoder.layers.")}
 
-    def shape_of(self, layer: int | None, suffix: str) -> tuple[int, ...]:
-        """Global shape of one layer's (or a global) dense tensor, without the layer axis."""
+    def locate(self, layer: int | None, suffix: str) -> tuple[str, tuple[int, ...]] | None:
+        """(checkpoint key, leading index) of one layer's (or a global) dense tensor: the
+        layer-stacked key indexed by the layer, or a per-layer key; None if absent."""
         if layer is None:
-            return tuple(self.shapes[suffix][0]) if suffix in self.shapes else ()
+            return (suffix, ()) if suffix in self.shapes else None
         if f"decoder.layers.{suffix}" in self.shapes:
-            return tuple(self.shapes[f"decoder.layers.{suffix}"][0])[1:]
-        return tuple(self.shapes.get(f"decoder.layers.{layer}.{suffix}", ((),))[0])
+            return f"decoder.layers.{suffix}", (layer,)
+        if f"decoder.layers.{layer}.{suffix}" in self.shapes:
+            return f"decoder.layers.{layer}.{suffix}", ()
+        return None
+
+    def shape_of(self, layer: int | None, suffix: str) -> tuple[int, ...]:
+        """Global shape of one layer's (or a global) dense tensor, without the layer axis; ()
+        if absent (:meth:`request` then names it)."""
+        found = self.locate(layer, suffix)
+        if found is None:
+            return ()
+        key, index = found
+        return tuple(self.shapes[key][0])[len(index):]
 
     def request(self, layer: int | None, suffix: str, offsets, shape):
         from ders_megatron.io.streaming import SliceRequest
 
-        if layer is None:
-            if suffix not in self.shapes:
-                raise UpcycleError(f"the dense checkpoint {self.root} has no tensor {suffix!r}")
-            return SliceRequest(suffix, (), tuple(offsets), tuple(shape))
-        if f"decoder.layers.{suffix}" in self.shapes:
-            return SliceRequest(f"decoder.layers.{suffix}", (layer,), tuple(offsets), tuple(shape))
-        if f"decoder.layers.{layer}.{suffix}" in self.shapes:
-            return SliceRequest(f"decoder.layers.{layer}.{suffix}", (), tuple(offsets), tuple(shape))
-        raise UpcycleError(f"the dense checkpoint {self.root} has no tensor for layer {layer} {suffix!r}")
+        found = self.locate(layer, suffix)
+        if found is None:
+            where = f"no tensor {suffix!r}" if layer is None else f"no tensor for layer {layer} {suffix!r}"
+            raise UpcycleError(f"the dense checkpoint {self.root} has {where}")
+        key, index = found
+        return SliceRequest(key, index, tuple(offsets), tuple(shape))
 
 
 def router_weight(num_experts: int, hidden: int, layer_number: int, seed: int, std: float, dtype) -> torch.Tensor:
