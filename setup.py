@@ -64,6 +64,7 @@ setup(
             "ders-upcycle=ders_megatron.cli.upcycle:main",
             "ders-compress=ders_megatron.cli.compress:main",
             "ders-analyze=ders_megatron.cli.analyze:main",
+            "ders-replicate=ders_megatron.pipeline.replicate.main:main",
         ],
     },
     classifiers=[

@@ -21,7 +21,7 @@ from ders_megatron.core.config import Dare, Magnitude, Quant, parse_codec, parse
 from ders_megatron.core.codecs import storage_bits
 
 
-def _moe_layers(shapes) -> list[int]:
+def moe_layers(shapes) -> list[int]:
     """0-based global indices of the MoE layers of a vanilla MoE checkpoint."""
     stacked = shapes.get("decoder.layers.mlp.experts.experts.linear_fc1.weight")
     if stacked is not None:
@@ -45,7 +45,7 @@ def expert_similarity(moe_root, dense_root=None) -> dict:
         args = read_moe_args(moe_root)
         source = LayerSource(moe_root, dense_root)
         gated = bool(args.swiglu)
-        layers = _moe_layers(source.shapes)
+        layers = moe_layers(source.shapes)
         table: dict[str, list] = {}
         for layer in layers:
             fc1 = source.read(layer, "mlp.experts.experts.linear_fc1.weight")
