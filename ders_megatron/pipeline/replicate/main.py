@@ -256,10 +256,13 @@ def _inputs(ns, profile: Profile) -> tuple[Path, Path | None]:
     if not text.is_file():
         raise ValueError(f"--text {text} does not exist")
     hf_dir = ns.hf_model
-    if hf_dir is None and profile.b is not None and ns.only != "a":
-        from ders_megatron.convert.hf.assets import smollm2_135m
+    if hf_dir is None and profile.b is not None:
+        from ders_megatron.convert.hf.assets import SMOLLM2_FOLDER, smollm2_135m
 
-        hf_dir = smollm2_135m(ns.cache)
+        cached = ns.cache / SMOLLM2_FOLDER
+        # --only a needs no model: take the cached one (for the report's Setting B rows), fetch nothing
+        hf_dir = cached if ns.only == "a" and (cached / "tokenizer.json").is_file() else (
+            None if ns.only == "a" else smollm2_135m(ns.cache))
     if hf_dir is not None and not (hf_dir / "tokenizer.json").is_file():
         raise ValueError(f"--hf-model {hf_dir} has no tokenizer.json")
     return text.resolve(), hf_dir.resolve() if hf_dir else None
@@ -281,11 +284,13 @@ def run(ns) -> int:
     log(f"profile {profile.name}; workdir {workdir} (a rerun skips the steps that are done)")
     with single_rank_megatron():
         runner = Runner(workdir, force=ns.force, log=log)
-        steps = study.steps()
         if not ns.report_only:
-            runner.run(steps)
-        records = {s.name: runner.record(s.name) for s in study.steps()}
-    paths = write_report(profile, workdir, {k: v for k, v in records.items() if v}, ns.report_dir)
+            runner.run(study.steps())
+        # The report covers the whole study, whichever --only ran now, but only steps that are
+        # done with today's settings (fingerprint and outputs): a stale record never shows.
+        everything = Study(profile, workdir, text, hf_dir, None if hf_dir or profile.b is None else "a").steps()
+        records = {s.name: runner.record(s.name) for s in everything if runner.is_done(s, runner.fingerprint(s))}
+    paths = write_report(profile, workdir, records, ns.report_dir)
     log("report: " + ", ".join(str(p) for p in paths))
     return 0
 

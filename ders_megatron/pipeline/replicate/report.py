@@ -275,14 +275,16 @@ def plot_compression(tables: dict, path: Path) -> None:
 def plot_redundancy(records: dict[str, dict], path: Path) -> None:
     """cos(W_e, W_dense) per layer x expert; the colour scale spans exactly the values."""
     plt = _plt()
-    panels = [(label, m, rec["summary"]["matrices"][m]) for label, rec in records.items() for m in ("fc1", "fc2")]
+    panels = [(label, m, rec["summary"]) for label, rec in records.items() for m in ("fc1", "fc2")]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), squeeze=False)
-    for ax, (label, matrix, layers) in zip(axes[0], panels):
-        grid = torch.tensor([layer["cos_to_start"] for layer in layers])
+    for ax, (label, matrix, table) in zip(axes[0], panels):
+        grid = torch.tensor([layer["cos_to_start"] for layer in table["matrices"][matrix]])  # [layers, experts]
+        ax.set_yticks(range(len(table["layers"])), [str(n + 1) for n in table["layers"]])
+        ax.set_xticks(range(grid.shape[1]))
         image = ax.imshow(grid.numpy(), vmin=float(grid.min()), vmax=float(grid.max()), cmap="viridis", aspect="auto")
         ax.set_title(f"{label} {matrix}", fontsize=8)
         ax.set_xlabel("expert")
-        ax.set_ylabel("MoE layer")
+        ax.set_ylabel("layer")
         fig.colorbar(image, ax=ax, format="%.6f")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -339,6 +341,11 @@ def write_report(profile: Profile, workdir: Path, records: dict, out_dir: Path) 
     img.mkdir(parents=True, exist_ok=True)
     a_table = setting_a_table(profile, records)
     claims, results, lines, plots = [], {"profile": profile.name, "setting_a": a_table}, [], []
+    if "a-pretrain" in records:
+        summary = records["a-pretrain"]["summary"]
+        results["pretrain"] = {"heldout_loss": summary["heldout_loss"], "params": summary["params"],
+                               "tokens": summary["tokens"], "seconds": summary["seconds"],
+                               "first_loss": summary["losses"][0], "last_loss": summary["losses"][-1]}
     for layout, block in a_table.items():
         claims += upcycling_claims(f"A {layout}", block["rows"])
     compression, redundancy = {}, {}
@@ -399,7 +406,13 @@ def render(profile, a_table, b_rows, compression, results, claims, plots, out_di
     lines += [f"| {c['claim']} | {c['paper']} | {c['ours']} | **{c['verdict']}** | {c['why']} |" for c in claims]
     if not claims:
         lines.append("| (no claim measured yet) | | | | |")
-    lines += ["", "## Setting A", ""] + markdown_a(a_table)
+    lines += ["", "## Setting A", ""]
+    if "pretrain" in results:
+        p = results["pretrain"]
+        lines += [f"The dense GPT ({p['params']:,} parameters) pretrained from scratch on {p['tokens']:,} training "
+                  f"tokens in {p['seconds']:.0f} s: training loss {p['first_loss']:.3f} → {p['last_loss']:.3f}, "
+                  f"held-out loss {p['heldout_loss']:.4f}. Every run below starts from it.", ""]
+    lines += markdown_a(a_table)
     if b_rows is not None:
         lines += ["## Setting B", ""] + markdown_a({"b": {"label": "SmolLM2, " + profile.b.layout.label, "rows": b_rows}})
     for label, table in compression.items():
