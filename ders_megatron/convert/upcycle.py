@@ -244,6 +244,17 @@ class _Values:
             return torch.zeros(shape, dtype=dtype)
         return self._delta_value(layer, suffix, dtype)
 
+    def origin(self, name: str) -> str:
+        """Where ``name``'s values come from (the writer's NaN/Inf message)."""
+        from ders_megatron.io.checkpoint import describe_source
+
+        layer, suffix = key_suffix(self.plan.entry_tensors(name)[0])
+        source = source_of(suffix, self.dense.suffixes, self.cfg.fc2_scale)
+        if source.what != "copy":
+            return f"initialised by upcycling ({source.what})"
+        found = self.dense.locate(layer, source.suffix)
+        return f"copied from {describe_source(self.dense.root, found[0])}" if found else ""
+
     def _delta_value(self, layer, suffix, dtype) -> torch.Tensor:
         """Build the layer's delta module for one matrix as DeRSExperts does and read its tensor."""
         owner, _, rest = suffix.partition(".deltas.")

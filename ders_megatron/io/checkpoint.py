@@ -21,25 +21,23 @@ Checkpoints are data: every read here goes through :mod:`ders_megatron.io.safe_l
 to megatron's own loaders is checked first), so nothing in a file is executed;
 ``--trust-checkpoint`` (:func:`~ders_megatron.io.safe_load.trust_checkpoints`) opts out.
 
-Tools that write a whole checkpoint use :func:`atomic_output_dir`: they write
-into a temporary sibling directory and rename it at the end, so a crash never
-leaves a directory that ``--load`` would take as complete, and an existing
-output is only replaced with ``force``.
+Tools that write a whole checkpoint use :func:`~ders_megatron.io.atomic.atomic_output_dir`
+(re-exported here): they write into a temporary sibling directory and rename it at
+the end, so a crash never leaves a directory that ``--load`` would take as complete,
+and an existing output is only replaced with ``force``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-# CheckpointError lives below safe_load (io/errors.py); callers import it from here as before.
-from ders_megatron.io.errors import CheckpointError
-from ders_megatron.io.safe_load import common_state, read_metadata, vet_checkpoint
+# atomic_output_dir and CheckpointError live below (io/atomic.py, io/errors.py); callers
+# import them from here as before.
+from ders_megatron.io.atomic import atomic_output_dir, write_text_atomic
+from ders_megatron.io.errors import CheckpointError, NonFiniteError, failure_line
+from ders_megatron.io.safe_load import common_state, read_metadata, storage_files, vet_checkpoint
 
 TRACKER = "latest_checkpointed_iteration.txt"
 
@@ -77,9 +75,7 @@ def latest_dir(root) -> Path:
 
 def write_tracker(root, iteration: int | None) -> None:
     """Atomically point the tracker at ``iteration`` (rename over the old file)."""
-    tmp = tracker_path(root).with_suffix(".tmp")
-    tmp.write_text("release" if iteration is None else str(iteration))
-    os.replace(tmp, tracker_path(root))
+    write_text_atomic(tracker_path(root), "release" if iteration is None else str(iteration))
 
 
 def _barrier():
@@ -122,6 +118,7 @@ def save_model(model_chunks, root, args=None, iteration: int | None = None) -> P
 def load_model(model_chunks, root, strict: bool = True) -> dict:
     """Load model weights saved at any TP/EP/PP layout into this layout's chunks."""
     from megatron.core import dist_checkpointing, parallel_state
+    from torch.distributed.checkpoint.api import CheckpointException
 
     chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
     path = latest_dir(root)
@@ -131,7 +128,13 @@ def load_model(model_chunks, root, strict: bool = True) -> dict:
         ("model" if len(chunks) == 1 else f"model{i}"): chunk.sharded_state_dict(metadata=metadata)
         for i, chunk in enumerate(chunks)
     }
-    loaded = dist_checkpointing.load(request, str(path))
+    try:
+        loaded = dist_checkpointing.load(request, str(path))
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as err:  # DCP's is a BaseException; name the checkpoint
+        raise CheckpointError(f"could not read the model from {path}: {failure_line(err)} "
+                              "(a damaged checkpoint? re-copy it)") from err
     for i, chunk in enumerate(chunks):
         chunk.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"], strict=strict)
     return loaded
@@ -173,6 +176,16 @@ def tensor_shapes(root) -> dict[str, tuple[torch.Size, torch.dtype]]:
     return {key: (sh.global_shape, sh.dtype) for key, sh in meta.items()}
 
 
+def describe_source(root, keys) -> str:
+    """``KEY in DIR/FILE.distcp``: where the tensors ``keys`` of the checkpoint under ``root``
+    are stored, for error messages (a NaN traced to its file)."""
+    path = latest_dir(root)
+    metadata = read_metadata(path)
+    keys = [keys] if isinstance(keys, str) else list(keys)
+    return "; ".join(f"{key} in {', '.join(str(path / f) for f in storage_files(metadata, key)) or path}"
+                     for key in keys)
+
+
 def ensure_process_group() -> None:
     """dist_checkpointing needs a process group; single-process tools get a 1-rank one."""
     import torch.distributed as dist
@@ -207,28 +220,29 @@ def load_full_tensors(root, keys: list[str]) -> dict[str, torch.Tensor]:
     return dist_checkpointing.load(request, str(path))
 
 
-@contextlib.contextmanager
-def atomic_output_dir(path, force: bool = False):
-    """Yield a temporary directory that becomes ``path`` only if the block succeeds.
+_FINITE_BLOCK = 1 << 24  # elements checked at a time: a bool mask of 16 MiB, whatever the tensor
 
-    An existing ``path`` is an error unless ``force``; then it is replaced only
-    after the new output is complete. On failure nothing is left behind.
-    """
-    path = Path(path)
-    if path.exists() and not force:
-        raise CheckpointError(f"{path} exists; pass --force to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
 
+def check_finite(tensor: torch.Tensor, name: str, origin=None) -> None:
+    """Raise :class:`NonFiniteError` naming ``name`` and where its values came from
+    (``origin``: a string, or a callable asked only on failure) if a floating-point
+    ``tensor`` holds NaN or Inf. Streamed in blocks, so a large tensor costs one pass
+    and a small mask; integer tensors are always finite."""
+    if not (tensor.is_floating_point() or tensor.is_complex()):
+        return
+    flat = tensor.detach().reshape(-1)
+    for block in flat.split(_FINITE_BLOCK):
+        if not bool(torch.isfinite(block).all()):
+            nan, inf = int(torch.isnan(flat).sum()), int(torch.isinf(flat).sum())
+            where = origin() if callable(origin) else origin
+            raise NonFiniteError(
+                f"{name} holds {nan} NaN and {inf} Inf of {flat.numel()} values"
+                f"{f' ({where})' if where else ''}; nothing written: fix or replace that source"
+            )
+
+
+__all__ = [  # atomic_output_dir and CheckpointError are re-exported
+    "TRACKER", "CheckpointError", "atomic_output_dir", "check_finite", "describe_source", "ensure_process_group", "iteration_dir",
+    "latest_dir", "load_common", "load_full_tensors", "load_model", "save_model", "stored_args", "tensor_shapes",
+    "tracker_path", "write_tracker",
+]

@@ -30,13 +30,15 @@ import re
 
 import torch
 from torch.distributed.checkpoint import load as dcp_load
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from ders_megatron.io.checkpoint import CheckpointError, latest_dir, load_common
-from ders_megatron.io.safe_load import SafeFileSystemReader, read_metadata, single_process_reads
+from ders_megatron.io.errors import failure_line
+from ders_megatron.io.safe_load import SafeFileSystemReader, read_metadata, single_process_reads, storage_files
 
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
 _LOCAL_EXPERT = re.compile(r"(.*experts\.)local_experts\.(\d+)\.(.+)")
@@ -110,6 +112,12 @@ class CheckpointReader:
         tried = ", ".join(key for key, _ in candidates)
         raise CheckpointError(f"{self.path} has no tensor for {name} (looked for {tried})")
 
+    def files_of(self, names) -> str:
+        """Where the tensors ``names`` are stored (``KEY in DIR/FILE``), for error messages."""
+        keys = dict.fromkeys(self.locate(name)[0] for name in names)
+        return "; ".join(f"{key} in {', '.join(str(self.path / f) for f in storage_files(self.checkpoint_metadata, key))}"
+                         for key in keys)
+
     def has(self, name: str) -> bool:
         try:
             self.locate(name)
@@ -148,5 +156,10 @@ class CheckpointReader:
             offsets[key] = tuple(start)
         with single_process_reads():
             reader = SafeFileSystemReader(str(self.path), self.checkpoint_metadata)  # no second unpickling
-            dcp_load(dests, storage_reader=reader, planner=_ChunkPlanner(offsets), no_dist=True)
+            try:
+                dcp_load(dests, storage_reader=reader, planner=_ChunkPlanner(offsets), no_dist=True)
+            except (Exception, CheckpointException) as err:  # DCP's is a BaseException; name the file
+                files = sorted({f for key in dests for f in storage_files(self.checkpoint_metadata, key)})
+                raise CheckpointError(f"could not read {sorted(dests)[:3]} from {self.path} ({', '.join(files)}): "
+                                      f"{failure_line(err)} (a damaged checkpoint? re-copy it)") from err
         return {(key, layer): dests[key][0] if layer is not None else dests[key] for key, layer in slabs}

@@ -65,7 +65,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 
 from ders_megatron.core.config import TRUST_FLAG
-from ders_megatron.io.errors import CheckpointError
+from ders_megatron.io.errors import CheckpointError, failure_line
 
 METADATA_FILE = ".metadata"
 LEGACY_COMMON_FILE = "common.pt"  # megatron's COMMON_STATE_FNAME (dist_checkpointing/strategies/common.py)
@@ -222,7 +222,13 @@ class SafeFileSystemReader(FileSystemReader):
             raise CheckpointError(f"checkpoint {self.path}: no readable {METADATA_FILE}")
         path = self._get_metadata_path(None)
         with self.fs.create_stream(path, "rb") as stream:
-            metadata = SafeUnpickler(stream, path).load()
+            try:
+                metadata = SafeUnpickler(stream, path).load()
+            except CheckpointError:
+                raise
+            except Exception as err:  # a cut or garbled pickle: EOFError, UnpicklingError, ...
+                raise CheckpointError(f"checkpoint {path} is truncated or damaged ({failure_line(err)}); "
+                                      "re-copy it") from err
         if not isinstance(metadata, Metadata):
             raise CheckpointError(f"checkpoint {path}: holds a {type(metadata).__name__}, not checkpoint metadata")
         return metadata
@@ -263,8 +269,37 @@ def read_metadata(path) -> Metadata:
         raise CheckpointError(f"checkpoint {path} has no {METADATA_FILE}: not a torch_dist checkpoint, "
                               "or an incomplete copy; re-copy it")
     if checkpoints_trusted():
-        return FileSystemReader(str(path)).read_metadata()
-    return SafeFileSystemReader(str(path)).read_metadata()
+        metadata = FileSystemReader(str(path)).read_metadata()
+    else:
+        metadata = SafeFileSystemReader(str(path)).read_metadata()
+    check_storage(path, metadata)
+    return metadata
+
+
+def check_storage(path, metadata: Metadata) -> None:
+    """Every file ``.metadata`` lists is there and long enough for what it holds: a
+    truncated or half-copied checkpoint is named here, before any read trips on it."""
+    path = Path(path)
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        relative = getattr(info, "relative_path", None)
+        if relative is not None:
+            needed[relative] = max(needed.get(relative, 0), info.offset + info.length)
+    for relative, size in sorted(needed.items()):
+        file = path / relative
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {path} lacks {relative}, which its {METADATA_FILE} lists: "
+                                  "an incomplete copy; re-copy it")
+        actual = file.stat().st_size
+        if actual < size:
+            raise CheckpointError(f"checkpoint file {file} is truncated ({actual} bytes, its {METADATA_FILE} "
+                                  f"places data up to byte {size}); re-copy it")
+
+
+def storage_files(metadata: Metadata, key: str) -> list[str]:
+    """The files (relative to the checkpoint directory) holding chunks of ``key``."""
+    return sorted({info.relative_path for index, info in (metadata.storage_data or {}).items()
+                   if index.fqn == key and hasattr(info, "relative_path")})
 
 
 def object_keys(metadata: Metadata) -> list[str]:
@@ -296,7 +331,8 @@ def _first_checkpoint_error(err: CheckpointException, path) -> CheckpointError:
     for exc, _ in err.failures.values():
         if isinstance(exc, CheckpointError):
             return exc
-    return CheckpointError(f"checkpoint {path}: could not read its objects ({err}); a damaged copy? re-copy it")
+    return CheckpointError(f"checkpoint {path}: could not read its objects ({failure_line(err)}); "
+                           "a damaged copy? re-copy it")
 
 
 def common_state(path) -> dict:

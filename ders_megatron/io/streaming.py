@@ -39,7 +39,8 @@ from typing import Callable
 
 import torch
 
-from ders_megatron.io.checkpoint import CheckpointError, ensure_process_group, latest_dir, tensor_shapes, write_tracker
+from ders_megatron.io.checkpoint import CheckpointError, check_finite, latest_dir, tensor_shapes, write_tracker
+from ders_megatron.io.errors import failure_line
 from ders_megatron.io.model import build_gpt
 from ders_megatron.io.safe_load import vet_checkpoint
 
@@ -161,8 +162,8 @@ def read_slices(root, requests: list[SliceRequest], shapes=None, out: list | Non
         raise
     except (Exception, CheckpointException) as err:  # DCP's is a BaseException; name the checkpoint
         raise CheckpointError(
-            f"could not read {sorted({r.key for r in unique})[:3]} from {root}: {err} "
-            "(a truncated or damaged checkpoint?)"
+            f"could not read {sorted({r.key for r in unique})[:3]} from {path}: {failure_line(err)} "
+            "(a damaged checkpoint? re-copy it)"
         ) from err
     results = []
     for i, request in enumerate(requests):
@@ -353,7 +354,9 @@ class LazyCheckpointWriter:
 
     ``values(entry) -> tensor`` returns the full world-size-1 value of one
     parameter; it is called once per entry, in plan order (chunks of an entry
-    are consecutive), so only the current entry is held.
+    are consecutive), so only the current entry is held. Each value is checked for
+    NaN/Inf as it is written (:func:`~ders_megatron.io.checkpoint.check_finite`; an
+    optional ``values.origin(entry)`` says where a bad one came from).
     """
 
     def __init__(self, plan: ModelPlan, values: Callable[[str], torch.Tensor], file_bytes: int = DEFAULT_FILE_BYTES):
@@ -371,10 +374,21 @@ class LazyCheckpointWriter:
             expected = tuple(entry.data.shape)
             if tuple(value.shape) != expected:
                 raise ValueError(f"{chunk.entry}: computed shape {tuple(value.shape)}, model has {expected}")
-            self._current = (chunk.entry, _built(replace(entry, data=value.to(entry.data.dtype))))
+            value = value.to(entry.data.dtype)
+            check_finite(value, chunk.key, lambda: self._origin(chunk.entry))
+            self._current = (chunk.entry, _built(replace(entry, data=value)))
         data = self._current[1][chunk.part].data
         self.bytes_written += chunk.nbytes
         return data.reshape(chunk.sizes).contiguous()
+
+    def _origin(self, entry: str) -> str:
+        """Where an entry's values came from, for an error message: ``values.origin(entry)``
+        where the values object can say (the source checkpoint's key and file)."""
+        origin = getattr(self.values, "origin", None)
+        try:
+            return origin(entry) if origin is not None else ""
+        except Exception:  # only ever called to word an error; never hide that error
+            return ""
 
     def write(self, directory, common: dict) -> None:
         """Write tensors, objects and the common state into ``directory`` (created)."""
@@ -420,11 +434,11 @@ class LazyCheckpointWriter:
         writer = _filesystem_writer_class()(directory, self.file_bytes, sizes)
         try:
             save({}, storage_writer=writer, planner=_planner_class()(items, resolve), no_dist=True)
-        except CheckpointException as err:  # a BaseException wrapping what resolve raised
+        except CheckpointException as err:  # a BaseException wrapping what resolve or the writer raised
             for exc, _ in err.failures.values():
-                if isinstance(exc, (CheckpointError, ValueError)):
+                if isinstance(exc, (CheckpointError, ValueError, OSError)):
                     raise exc from None
-            raise RuntimeError(str(err)) from None
+            raise RuntimeError(failure_line(err)) from err  # err kept: what a full disk looks like to torch
         self._current = None
         save_config(CheckpointingConfig("torch_dist", 1), str(directory))
 

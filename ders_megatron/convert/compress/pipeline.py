@@ -261,6 +261,23 @@ class _Values:
         key, prefix = self.source.key(layer, suffix)
         return self.cache.get(SliceRequest(key, prefix, (0,) * len(shape), shape))
 
+    def origin(self, name) -> str:
+        """Where ``name``'s values come from (the writer's NaN/Inf message): the expert
+        tensors of its layer for bases and deltas, else the tensor it copies."""
+        from ders_megatron.io.checkpoint import describe_source
+        from ders_megatron.io.streaming import layer_of, layer_suffix
+
+        st = self.plan.entry_tensors(name)[0]
+        layer = layer_of(st)
+        if layer is None:
+            return f"copied from {describe_source(self.source.root, st.key)}"
+        suffix = layer_suffix(st.key)
+        if suffix.startswith("mlp.experts.linear_fc") or ".deltas." in suffix:
+            keys = [self.source.key(layer, f"mlp.experts.experts.linear_fc{i}.weight")[0] for i in (1, 2)]
+            dense = f" and the --dense {self.source.dense.root}" if self.source.dense is not None else ""
+            return f"compressed from layer {layer} of {describe_source(self.source.root, keys)}{dense}"
+        return f"copied from {describe_source(self.source.root, self.source.key(layer, suffix)[0])}"
+
 
 # --------------------------------------------------------------------------- #
 # Entry point

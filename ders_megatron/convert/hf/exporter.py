@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ders_megatron.io.checkpoint import CheckpointError, atomic_output_dir
+from ders_megatron.io.checkpoint import CheckpointError, atomic_output_dir, check_finite
 from ders_megatron.convert.hf.dims import EXPORT_FORMATS, ConversionError, ModelDims
 from ders_megatron.convert.hf.hf_files import (
     TOKENIZER_FILES,
@@ -75,10 +75,18 @@ def _token_ids(folder: Path | None) -> dict:
 
 
 def _write(maps, reader: CheckpointReader, writer: ShardedSafetensorsWriter, dtype) -> None:
+    """Each HF tensor of ``maps``, in the output dtype, checked for NaN/Inf as it is
+    written (a source's bad value, or a value the dtype cannot hold: fp16 overflows
+    at 65504), naming the megatron tensors and files it came from."""
     tensors = reader.read([name for entry in maps for name in entry.megatron])
     for entry in maps:
+        for source in entry.megatron:  # first the sources: a merge (W_base + delta) would hide which
+            check_finite(tensors[source], source, lambda: f"in {reader.files_of([source])}")
         for name, tensor in entry.to_hf(tensors).items():
-            writer.add(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+            value = tensor.to(dtype) if tensor.is_floating_point() else tensor
+            cast = "" if tensor.dtype == value.dtype else f", {tensor.dtype} written as {value.dtype}"
+            check_finite(value, name, lambda: f"from {reader.files_of(entry.megatron)}{cast}")
+            writer.add(name, value)
 
 
 def export_hf(
