@@ -298,7 +298,7 @@ PARAM_REPORT_FLAGS = {
     "-h", "--help", "--preset", "--hidden-size", "--ffn-hidden-size", "--moe-ffn-hidden-size",
     "--num-layers", "--moe-layer-freq", "--num-experts", "--moe-router-topk", "--swiglu",
     "--add-bias-linear", "--disable-bias-linear", "--moe-ders-shared-expert", "--moe-router-noisy-gate",
-    "--moe-ders", "--moe-ders-rank", "--moe-ders-drop-rate", "--compare", "--dtype", "--json",
+    "--moe-ders", "--moe-ders-rank", "--moe-ders-drop-rate", "--compare", "--dtype", "--json", "--debug",
 }
 
 

@@ -73,8 +73,9 @@ def test_cli_flags_are_frozen():
     sub = next(a for a in parser._actions if a.dest == "command")
     flags = {name: sorted(o for a in p._actions for o in a.option_strings) for name, p in sub.choices.items()}
     assert flags == {
-        "similarity": sorted(["-h", "--help", "--load", "--dense", "--out", "--json", "--trust-checkpoint"]),
+        "similarity": sorted(["-h", "--help", "--load", "--dense", "--out", "--json", "--trust-checkpoint",
+                              "--debug"]),
         "sweep": sorted(["-h", "--help", "--load", "--sweep-codecs", "--base", "--dense", "--eval-data", "--calib-data",
                          "--moe-ders-seed", "--moe-ders-quant-group-size", "--seq-length", "--eval-batches", "--out", "--json",
-                         "--trust-checkpoint"]),
+                         "--trust-checkpoint", "--debug"]),
     }

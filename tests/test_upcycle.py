@@ -274,7 +274,7 @@ def test_cli_flags_are_frozen():
         "--moe-ders-impl", "--moe-ders-freeze-base", "--moe-ders-shared-expert", "--moe-shared-expert-gate",
         "--shared-expert-init", "--router-init-std", "--no-renormalize-topk", "--moe-token-dispatcher-type",
         "--transformer-impl", "--target-tp", "--target-ep", "--target-etp", "--file-bytes", "--json",
-        "--trust-checkpoint",
+        "--trust-checkpoint", "--debug",
     ])
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from ders_megatron.cli.flags import add_seed_flag, add_trust_flag
+from ders_megatron.cli.flags import add_debug_flag, add_seed_flag, add_trust_flag
 from ders_megatron.convert.analyze import expert_similarity, plot_similarity, plot_sweep, sweep
 from ders_megatron.core.config import DEFAULTS
-from ders_megatron.io.checkpoint import CheckpointError
+from ders_megatron.io.atomic import write_text_atomic
+from ders_megatron.io.errors import report_failure, user_failures
 from ders_megatron.io.safe_load import trust_checkpoints
 
 
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", required=True, metavar="PNG")
     sim.add_argument("--json", default=None, metavar="FILE")
     add_trust_flag(sim)
+    add_debug_flag(sim)
     sw = sub.add_parser("sweep", help="held-out loss against drop rate / bit width / rank (paper Figs. 4-6)")
     sw.add_argument("--load", required=True, metavar="DIR", help="vanilla MoE checkpoint")
     sw.add_argument("--sweep-codecs", required=True,
@@ -38,21 +39,19 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--out", required=True, metavar="PNG")
     sw.add_argument("--json", default=None, metavar="FILE")
     add_trust_flag(sw)
+    add_debug_flag(sw)
     return p
 
 
 def main(argv=None) -> int:
-    import sys
-
     ns = build_parser().parse_args(argv)
     try:
         with trust_checkpoints(ns.trust_checkpoint):
             result = _analysis(ns)
-    except (CheckpointError, ValueError) as err:
-        print(f"analyze: error: {err}", file=sys.stderr)
-        return 2
-    if ns.json:
-        Path(ns.json).write_text(json.dumps(result, indent=2) + "\n")
+        if ns.json:
+            write_text_atomic(ns.json, json.dumps(result, indent=2) + "\n")
+    except user_failures() as err:
+        return report_failure("analyze", err, ns.debug)
     return 0
 
 

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
+
+from ders_megatron.cli.flags import add_debug_flag
+from ders_megatron.io.atomic import write_text_atomic
+from ders_megatron.io.errors import report_failure, user_failures
 
 def build_bench_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -38,6 +41,7 @@ def build_bench_parser() -> argparse.ArgumentParser:
                    help="(token, slot) pairs per tile of the fused kernel on CPU (default: by FFN width)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     p.add_argument("--json", metavar="PATH", help="also write every figure as JSON here")
+    add_debug_flag(p)
     return p
 
 
@@ -68,6 +72,9 @@ def bench_moe_layer_main(argv: list[str] | None = None) -> int:
             results += rows
     if args.json:
         payload = bench.results_payload(shape, results, command)
-        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+        try:
+            write_text_atomic(args.json, json.dumps(payload, indent=2) + "\n")
+        except user_failures() as err:
+            return report_failure("bench_moe_layer", err, args.debug)
         print(f"wrote {args.json}")
     return 0

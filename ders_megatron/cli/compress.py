@@ -4,13 +4,13 @@ checkpoint of compressed deltas, over :func:`ders_megatron.convert.compress.pipe
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from ders_megatron.cli.flags import add_codec_flags, add_seed_flag, add_shared_expert_flag, add_trust_flag
+from ders_megatron.cli.flags import add_codec_flags, add_debug_flag, add_seed_flag, add_shared_expert_flag, add_trust_flag
 from ders_megatron.convert.compress.pipeline import SHARED_MODES, CompressConfig, compress_checkpoint
 from ders_megatron.convert.compress.report import format_report
 from ders_megatron.core.decomposition import BASES
-from ders_megatron.io.checkpoint import CheckpointError
+from ders_megatron.io.atomic import write_text_atomic
+from ders_megatron.io.errors import report_failure, user_failures
 from ders_megatron.io.safe_load import trust_checkpoints
 
 
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", required=True, metavar="DIR", help="output DeRS checkpoint root")
     p.add_argument("--force", action="store_true", help="replace an existing --save directory")
     add_trust_flag(p)
+    add_debug_flag(p)
     add_codec_flags(p, required=True)
     p.add_argument("--base", choices=BASES, default="mean",
                    help="dense: the upcycling source (--dense); mean: expert mean; fisher: D2-MoE "
@@ -46,7 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     import json
-    import sys
 
     ns = build_parser().parse_args(argv)
     try:
@@ -58,12 +58,11 @@ def main(argv=None) -> int:
         )
         with trust_checkpoints(ns.trust_checkpoint):
             report = compress_checkpoint(ns.load, ns.save, cfg, force=ns.force, file_bytes=ns.file_bytes)
-    except (CheckpointError, ValueError) as err:
-        print(f"compress: error: {err}", file=sys.stderr)
-        return 2
+        if ns.json:
+            write_text_atomic(ns.json, json.dumps(report, indent=2) + "\n")
+    except user_failures() as err:
+        return report_failure("compress", err, ns.debug)
     print(format_report(report))
-    if ns.json:
-        Path(ns.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
 

@@ -7,8 +7,9 @@
                          [--trust-checkpoint]
 
 Bad input (unknown architecture or format, a checkpoint without MoE for a MoE
-format, an existing output without --force) ends with ``error: ...`` and exit
-status 2, leaving nothing behind.
+format, an existing output without --force, a truncated or damaged file, NaN/Inf
+weights, a full disk) ends with one line ``error: ...`` naming the file and exit
+status 2, leaving nothing behind (``--debug``: the traceback too).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ders_megatron.cli.flags import add_trust_flag
+from ders_megatron.cli.flags import add_debug_flag, add_trust_flag
 from ders_megatron.convert.hf.dims import EXPORT_FORMATS
 from ders_megatron.io.safe_load import trust_checkpoints
 
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--tensor-model-parallel-size", type=int, default=1,
                      help="the TP size you will train with (only the vocabulary padding depends on it)")
     imp.add_argument("--force", action="store_true", help="replace an existing --output")
+    add_debug_flag(imp)
 
     exp = sub.add_parser("export", help="Megatron checkpoint -> HF folder")
     exp.add_argument("--checkpoint", required=True, help="Megatron checkpoint root (any TP/EP/PP layout)")
@@ -47,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--force", action="store_true", help="replace an existing --output")
     exp.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_trust_flag(exp)
+    add_debug_flag(exp)
     return parser
 
 
@@ -77,15 +80,14 @@ def run(args: argparse.Namespace):
 
 
 def main(argv=None) -> int:
-    from ders_megatron.io.checkpoint import CheckpointError
-    from ders_megatron.convert.hf.dims import ConversionError
+    from ders_megatron.io.errors import report_failure, user_failures
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         out = run(args)
-    except (ConversionError, CheckpointError) as err:
-        parser.exit(2, f"{parser.prog} {args.command}: error: {err}\n")
+    except user_failures() as err:
+        parser.exit(report_failure(f"{parser.prog} {args.command}", err, args.debug))
     print(f"wrote {out}")
     return 0
 

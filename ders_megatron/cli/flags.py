@@ -64,6 +64,12 @@ def add_trust_flag(p: argparse.ArgumentParser) -> None:
                    "made or whose source you trust.")
 
 
+def add_debug_flag(p: argparse.ArgumentParser) -> None:
+    """``--debug``: a failure prints its traceback too (``io/errors.py``: one line otherwise)."""
+    p.add_argument("--debug", action="store_true",
+                   help="on error, print the traceback as well (default: one line naming the file and the problem)")
+
+
 def add_seed_flag(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--moe-ders-seed", type=int, default=DEFAULTS["seed"], help=f"{what} (default {DEFAULTS['seed']})")
 

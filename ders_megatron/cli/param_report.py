@@ -10,9 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from pathlib import Path
 
-from ders_megatron.cli.flags import add_kind_flags, add_shared_expert_flag, kind_values, parse_moe_layer_freq
+from ders_megatron.cli.flags import (
+    add_debug_flag,
+    add_kind_flags,
+    add_shared_expert_flag,
+    kind_values,
+    parse_moe_layer_freq,
+)
 from ders_megatron.core.accounting import (
     DELTA_KINDS,
     DTYPE_BYTES,
@@ -23,6 +28,8 @@ from ders_megatron.core.accounting import (
     added_parameters,
     comparison_variants,
 )
+from ders_megatron.io.atomic import write_text_atomic
+from ders_megatron.io.errors import report_failure, user_failures
 
 
 def build_param_report_parser() -> argparse.ArgumentParser:
@@ -38,6 +45,7 @@ def build_param_report_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bf16",
                    help="storage dtype for the byte columns (default bf16)")
     p.add_argument("--json", metavar="PATH", help="also write the reports as JSON here")
+    add_debug_flag(p)
     return p
 
 
@@ -188,6 +196,9 @@ def param_report_main(argv: list[str] | None = None) -> int:
     if args.json:
         variants = [r.to_dict() for r in reports]
         payload = {"shape": shape.to_dict(), "dtype": args.dtype, "variants": variants}
-        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+        try:
+            write_text_atomic(args.json, json.dumps(payload, indent=2) + "\n")
+        except user_failures() as err:
+            return report_failure("param_report", err, args.debug)
         print(f"\nwrote {args.json}")
     return 0

@@ -4,9 +4,9 @@ vanilla MoE checkpoint, over :func:`ders_megatron.convert.upcycle.upcycle_checkp
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ders_megatron.cli.flags import (
+    add_debug_flag,
     add_impl_flag,
     add_kind_flags,
     add_seed_flag,
@@ -16,7 +16,8 @@ from ders_megatron.cli.flags import (
     parse_moe_layer_freq,
 )
 from ders_megatron.convert.upcycle import KINDS, SHARED_INITS, UpcycleConfig, upcycle_checkpoint
-from ders_megatron.io.checkpoint import CheckpointError
+from ders_megatron.io.atomic import write_text_atomic
+from ders_megatron.io.errors import report_failure, user_failures
 from ders_megatron.io.safe_load import trust_checkpoints
 
 
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", required=True, metavar="DIR", help="output checkpoint root (must not exist)")
     p.add_argument("--force", action="store_true", help="replace an existing --save directory")
     add_trust_flag(p)
+    add_debug_flag(p)
     add_kind_flags(p, kinds=KINDS)
     p.add_argument("--num-experts", type=int, required=True)
     p.add_argument("--moe-router-topk", type=int, default=2)
@@ -84,7 +86,6 @@ def peak_rss_bytes() -> int:
 
 def main(argv=None) -> int:
     import json
-    import sys
 
     ns = build_parser().parse_args(argv)
     try:
@@ -92,16 +93,15 @@ def main(argv=None) -> int:
         with trust_checkpoints(ns.trust_checkpoint):
             summary = upcycle_checkpoint(ns.load, ns.save, cfg, force=ns.force,
                                          transformer_impl=ns.transformer_impl, file_bytes=ns.file_bytes)
-    except (CheckpointError, ValueError) as err:
-        print(f"upcycle: error: {err}", file=sys.stderr)
-        return 2
-    summary["peak_rss_bytes"] = peak_rss_bytes()
+        summary["peak_rss_bytes"] = peak_rss_bytes()
+        if ns.json:
+            write_text_atomic(ns.json, json.dumps(summary, indent=2) + "\n")
+    except user_failures() as err:
+        return report_failure("upcycle", err, ns.debug)
     print(
         f"upcycled {ns.load} -> {ns.save} ({cfg.kind}, {cfg.num_experts} experts): "
         f"{summary['dense_bytes'] / 2**20:.1f} MiB dense -> {summary['moe_bytes'] / 2**20:.1f} MiB MoE, "
         f"{summary['tensors']} tensor chunks, {summary['seconds']:.1f} s, "
         f"peak RSS {summary['peak_rss_bytes'] / 2**20:.0f} MiB"
     )
-    if ns.json:
-        Path(ns.json).write_text(json.dumps(summary, indent=2) + "\n")
     return 0

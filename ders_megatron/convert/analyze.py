@@ -88,7 +88,7 @@ def plot_similarity(similarity: dict, path) -> None:
         ax.set_xticks(range(len(rows[0])))
     fig.colorbar(image, ax=axes[0].tolist(), label=f"cosine(expert, {similarity['reference']} FFN)")
     fig.suptitle("Expert vs. " + ("dense FFN" if similarity["reference"] == "dense" else "expert mean"))
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -188,5 +188,15 @@ def plot_sweep(result: dict, path) -> None:
     ax.set_ylabel("held-out loss")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     plt.close(fig)
+
+
+def _save(fig, path) -> None:
+    """Save the figure whole or not at all (``io/atomic.py``), in the format its suffix names."""
+    from pathlib import Path
+
+    from ders_megatron.io.atomic import atomic_output_files
+
+    with atomic_output_files([path]) as (tmp,):
+        fig.savefig(tmp, dpi=120, format=Path(path).suffix.lstrip(".") or "png")

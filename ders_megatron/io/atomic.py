@@ -8,7 +8,8 @@
   indexed dataset's ``PREFIX.bin`` / ``.idx`` / ``.json``) are written into a
   temporary sibling directory and replace their old versions together (order
   below), or not at all.
-* :func:`write_text_atomic`: one small file (a ``--json`` report, the tracker).
+* :func:`atomic_text_file` / :func:`write_text_atomic`: one small file (a ``--json``
+  report, a plot, the tracker).
 
 Temporaries carry the host and process id, so the next run into the same parent
 removes those of killed runs (:func:`clear_stale_temporaries`: same host, process
@@ -208,15 +209,27 @@ def _install_files(staged: list[Path], paths: list[Path], tmp: Path) -> None:
         raise
 
 
-def write_text_atomic(path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary sibling and a rename: readers see
-    the old file or the new one, never a part."""
+@contextlib.contextmanager
+def atomic_text_file(path, fsync: bool = False):
+    """A text file opened for writing that replaces ``path`` when the block succeeds (a
+    temporary sibling renamed over it): readers see the old file or the new one, never
+    a part; on failure nothing changes. ``fsync`` flushes it to disk before the rename
+    (a tracker that must survive a power cut)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(temp_prefix(path.name) + secrets.token_hex(4))  # the umask's permissions
     try:
         with open(tmp, "x") as f:
-            f.write(text)
+            yield f
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as err:
         _fail(err, path, tmp)
+
+
+def write_text_atomic(path, text: str) -> None:
+    """Write ``text`` to ``path`` through :func:`atomic_text_file`."""
+    with atomic_text_file(path) as f:
+        f.write(text)

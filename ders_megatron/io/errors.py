@@ -110,8 +110,9 @@ def failure_line(err: BaseException) -> str:
     if isinstance(err, UnicodeDecodeError):
         return f"undecodable text at byte {err.start} ({err.reason}); the input is not {err.encoding}"
     if isinstance(err, OSError):
-        name = f"{err.filename}: " if err.filename else ""
-        return f"{name}{err.strerror or first_line(err)}"
+        if err.strerror is None:  # raised with a message of ours
+            return str(err)
+        return f"{err.filename}: {err.strerror}" if err.filename else err.strerror
     if isinstance(err, EOFError):
         return f"a file ended early ({first_line(err)}): a truncated copy? re-copy it"
     if isinstance(err, ValueError) and type(err).__module__.startswith("ders_megatron"):

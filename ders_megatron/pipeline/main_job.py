@@ -156,7 +156,7 @@ def run(cfg: PipelineConfig) -> int:
 def summarize(pipeline, records: dict, seconds: float, load_start) -> dict:
     """Print the table, the exports' checks, the accounting; write results.json/.md."""
     from ders_megatron.pipeline.report import build_rows, format_table, hf_lines
-    from ders_megatron.pipeline.text import write_atomic
+    from ders_megatron.io.atomic import write_text_atomic
 
     cfg = pipeline.cfg
     rows = build_rows(pipeline, records)
@@ -183,8 +183,8 @@ def summarize(pipeline, records: dict, seconds: float, load_start) -> dict:
         "loadavg_start": load_start, "loadavg_end": load_end,
         "plots": {k: records[f"analyze-{k}"]["summary"] for k in ("similarity", "sweep") if f"analyze-{k}" in records},
     }
-    write_atomic(cfg.workdir / "results.json", json.dumps(results, indent=2, default=str) + "\n")
-    write_atomic(cfg.workdir / "results.md", table + "\n\n" + "\n".join(hf_lines(pipeline, records)) + "\n")
+    write_text_atomic(cfg.workdir / "results.json", json.dumps(results, indent=2, default=str) + "\n")
+    write_text_atomic(cfg.workdir / "results.md", table + "\n\n" + "\n".join(hf_lines(pipeline, records)) + "\n")
     log(f"results: {cfg.workdir / 'results.md'}, {cfg.workdir / 'results.json'}")
     return results
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ders_megatron.pipeline.text import write_atomic
+from ders_megatron.io.atomic import write_text_atomic
 
 
 @dataclass
@@ -77,7 +77,7 @@ class Runner:
             summary = step.run() or {}
             record = {"step": step.name, "fingerprint": fingerprint, "finished": time.time(),
                       "seconds": time.perf_counter() - start, "summary": summary}
-            write_atomic(self.state_dir / f"{step.name}.json", json.dumps(record, indent=2, default=str) + "\n")
+            write_text_atomic(self.state_dir / f"{step.name}.json", json.dumps(record, indent=2, default=str) + "\n")
             self.records[step.name] = record
         return self.records
 

@@ -162,9 +162,9 @@ class Pipeline:
         def run():
             summary = train(cfg, variant, load, save, self.data_dir / "train.json", self.train_dir,
                             self.logs / f"train-{variant}.log", moe=variant != "dense")
-            from ders_megatron.pipeline.text import write_atomic
+            from ders_megatron.io.atomic import write_text_atomic
 
-            write_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
+            write_text_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
             return summary
 
         settings = {k: getattr(cfg, k) for k in ("iters", "seq_length", "micro_batch_size", "global_batch_size",

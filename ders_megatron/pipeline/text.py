@@ -12,12 +12,12 @@ line between chapters, i.e. one document per chapter for
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
+from ders_megatron.io.atomic import write_text_atomic
 from ders_megatron.pipeline.launch import EXCERPT
 
 KJV_PACKAGES = ("bible-kjv-text", "bible-kjv")
@@ -43,7 +43,7 @@ def fetch_kjv(cache: Path, timeout: float = 120) -> Path | None:
         except (OSError, subprocess.SubprocessError):
             return None
     cache.mkdir(parents=True, exist_ok=True)
-    write_atomic(target, _chapters(text))
+    write_text_atomic(target, _chapters(text))
     return target
 
 
@@ -65,14 +65,6 @@ def find_text(cache: Path, download: bool) -> Path:
     return (fetch_kjv(cache) if download else None) or EXCERPT
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary sibling and rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def split_heldout(source: Path, out_dir: Path, fraction: float) -> dict:
     """Documents of ``source`` (blank-line separated ``.txt``, or ``.jsonl`` with
     ``text``) into ``train.jsonl`` and ``heldout.jsonl``: every ``round(1/fraction)``-th
@@ -88,6 +80,6 @@ def split_heldout(source: Path, out_dir: Path, fraction: float) -> dict:
     train = [d for i, d in enumerate(docs) if i not in held]
     heldout = [docs[i] for i in sorted(held)]
     for name, part in (("heldout", heldout), ("train", train)):  # train last: it marks the step done
-        write_atomic(out_dir / f"{name}.jsonl", "".join(json.dumps({"text": d}) + "\n" for d in part))
+        write_text_atomic(out_dir / f"{name}.jsonl", "".join(json.dumps({"text": d}) + "\n" for d in part))
     return {"source": str(source), "documents": len(docs), "train_documents": len(train),
             "heldout_documents": len(heldout), "heldout_every": every}

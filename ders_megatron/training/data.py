@@ -28,6 +28,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+from ders_megatron.io.errors import InputFileError
+
 BYTE_EOD = 256
 BYTE_VOCAB_SIZE = 257
 EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>")
@@ -98,20 +100,20 @@ def training_tokenizer_flags(tokenizer) -> list[str]:
 # --------------------------------------------------------------------------- #
 def read_documents(path, json_key: str = "text", split: str = "blank-line") -> Iterator[str]:
     """Documents of a ``.jsonl``/``.json`` file (one JSON object per line, text under
-    ``json_key``) or of a text file, split on blank lines, lines, or not at all."""
+    ``json_key``) or of a text file, split on blank lines, lines, or not at all.
+
+    A file that is not UTF-8, or a line that is not a JSON object, raises
+    :class:`InputFileError` naming the file, the line and the byte offset.
+    """
     path = Path(path)
     if path.suffix in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    record = json.loads(line)
-                    if json_key not in record:
-                        raise KeyError(f"{path}:{number} has no key {json_key!r} (--json-key)")
-                    yield record[json_key]
+        yield from _json_documents(path, json_key)
         return
     if split not in SPLITS:
         raise ValueError(f"--split-documents must be one of {SPLITS}, got {split!r}")
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
+    # universal newlines, as text-mode reading had them
+    text = decode_utf8(data, path).replace("\r\n", "\n").replace("\r", "\n")
     if split == "file":
         parts = [text]
     elif split == "line":
@@ -119,6 +121,37 @@ def read_documents(path, json_key: str = "text", split: str = "blank-line") -> I
     else:
         parts = ["\n".join(p.strip("\n").splitlines()) for p in text.split("\n\n")]
     yield from (p for p in parts if p.strip())
+
+
+def decode_utf8(data: bytes, path, offset: int = 0, line: int | None = None) -> str:
+    """``data`` (found at byte ``offset`` of ``path``, on ``line``) as UTF-8 text;
+    :class:`InputFileError` naming the file, line and byte where it is not."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = line if line is not None else data[:err.start].count(b"\n") + 1
+        raise InputFileError(
+            f"{path} is not UTF-8 text: byte {offset + err.start} (line {line}) is 0x{data[err.start]:02x} "
+            f"({err.reason}); convert the file (e.g. iconv -f latin1 -t utf-8) or leave it out"
+        ) from None
+
+
+def _json_documents(path: Path, json_key: str) -> Iterator[str]:
+    offset = 0
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            line = decode_utf8(raw, path, offset, number)
+            offset += len(raw)
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise InputFileError(f"{path}:{number}: not a JSON object ({err.msg}, column {err.colno}); "
+                                     "give .jsonl files one object per line") from None
+            if not isinstance(record, dict) or json_key not in record:
+                raise KeyError(f"{path}:{number} has no key {json_key!r} (--json-key)")
+            yield record[json_key]
 
 
 @dataclasses.dataclass

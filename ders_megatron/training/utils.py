@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ders_megatron.core.config import ders_config_from_args, shared_expert_of
+from ders_megatron.io.atomic import atomic_text_file
 from ders_megatron.io.checkpoint import TRACKER, CheckpointError, iteration_dir
 from ders_megatron.layers.runtime import collective_device
 
@@ -33,31 +34,6 @@ from ders_megatron.layers.runtime import collective_device
 # --------------------------------------------------------------------------- #
 # megatron.training patches
 # --------------------------------------------------------------------------- #
-class _AtomicFile:
-    """A text file written to a temporary sibling and renamed over ``path`` on success."""
-
-    def __init__(self, path: str):
-        self._path = path
-        self._tmp = f"{path}.tmp-{os.getpid()}"
-        self._file = open(self._tmp, "w")
-
-    def write(self, text: str) -> int:
-        return self._file.write(text)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        if exc_type is None:
-            os.replace(self._tmp, self._path)
-        else:
-            os.unlink(self._tmp)
-        return False
-
-
 class _AtomicTrackerStorage:
     """``maybe_msc`` for ``training/checkpointing.py`` that writes the tracker atomically.
 
@@ -79,7 +55,7 @@ class _AtomicTrackerStorage:
     @staticmethod
     def _open(path, mode="r", *args, **kwargs):
         if mode == "w" and os.path.basename(str(path)) == TRACKER and not args and not kwargs:
-            return _AtomicFile(str(path))
+            return atomic_text_file(path, fsync=True)
         return open(path, mode, *args, **kwargs)
 
 
