@@ -50,6 +50,7 @@ import contextlib
 import contextvars
 import functools
 import io
+import os
 import pickle
 import signal
 import sys
@@ -147,7 +148,7 @@ def trust_checkpoints(trusted: bool = True):
     """Within the block (when ``trusted``), checkpoints are read with the plain,
     unchecked readers: the tools' ``--trust-checkpoint``, with a loud warning. A
     scope, not a setting: nothing outside the block is affected."""
-    if trusted:
+    if trusted and not _TRUSTED.get():  # once per scope, not again in nested ones
         warn_trusted()
     token = _TRUSTED.set(bool(trusted) or _TRUSTED.get())
     try:
@@ -160,8 +161,22 @@ def checkpoints_trusted() -> bool:
     return _TRUSTED.get()
 
 
+def _rank() -> int:
+    """This process's rank: the process group's, else torchrun's ``RANK`` (training parses
+    its flags before the group exists), else 0."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
 def warn_trusted() -> None:
-    """The loud line ``--trust-checkpoint`` costs."""
+    """The loud line ``--trust-checkpoint`` costs, on rank 0 only (one line per job, not
+    one per rank)."""
+    if _rank() != 0:
+        return
     print(f"WARNING: {TRUST_FLAG}: checkpoints are read without the allow-list; a checkpoint "
           "can run any code on this machine while it loads. Use it only for files you made "
           "or whose source you trust.", file=sys.stderr, flush=True)
@@ -202,6 +217,22 @@ def load_object(stream, source, part: str):
             names = torch.serialization.get_unsafe_globals_in_checkpoint(stream)
             what = ", ".join(names) if names else str(err).strip().splitlines()[0]
             raise UnsafeCheckpointError(refusal(source, what, part)) from None
+
+
+def load_file(path, what: str = "checkpoint file"):
+    """``torch.load`` of a whole file (a DeepSpeed or legacy megatron checkpoint file) with
+    ``weights_only=True`` and :func:`common_state_globals`; anything else refused naming
+    the file and the global. The plain ``torch.load`` inside :func:`trust_checkpoints`."""
+    path = Path(path)
+    if checkpoints_trusted():
+        return torch.load(path, map_location="cpu", weights_only=False)
+    with open(path, "rb") as stream:
+        try:
+            return load_object(stream, path, None)
+        except CheckpointError:
+            raise
+        except (EOFError, RuntimeError) as err:  # a cut zip archive: "failed finding central directory"
+            raise CheckpointError(f"{what} {path} is truncated or damaged ({failure_line(err)}); re-copy it") from err
 
 
 class SafeFileSystemReader(FileSystemReader):
@@ -351,6 +382,30 @@ def common_state(path) -> dict:
 
     key = ShardedObject("common_state", None, (1,), (0,)).unique_key  # serialization.py:227
     return read_objects(path, [key])[key][0]
+
+
+def vet_legacy_checkpoint(path) -> None:
+    """megatron's legacy ``--ckpt-format torch`` directory ``path`` (``mp_rank_*/*.pt``):
+    every global its pickles name must be one ``torch.load(weights_only=True)`` allows
+    with :func:`common_state_globals`, else :class:`UnsafeCheckpointError` names the
+    file and the globals. megatron 0.19.2 loads these files with torch's default
+    ``weights_only=True`` and its own allow-list (``training/checkpointing.py:1739``,
+    ``core/safe_globals.py``), but answers a refusal with ``sys.exit()``, status 0
+    (``checkpointing.py:1740-1743``); this names it first. A static scan of the pickle
+    (``torch.serialization.get_unsafe_globals_in_checkpoint``): no tensor is read.
+    Nothing to do inside :func:`trust_checkpoints`."""
+    if checkpoints_trusted():
+        return
+    files = sorted(Path(path).glob("mp_rank_*/*.pt"))
+    with torch.serialization.safe_globals(common_state_globals()):
+        for file in files:
+            try:
+                unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(file))
+            except (RuntimeError, ValueError, EOFError) as err:  # not a whole torch.save zip
+                raise CheckpointError(f"checkpoint {file} is truncated or damaged ({failure_line(err)}); "
+                                      "re-copy it") from err
+            if unsafe:
+                raise UnsafeCheckpointError(refusal(file, ", ".join(sorted(unsafe))))
 
 
 def vet_checkpoint(path) -> None:

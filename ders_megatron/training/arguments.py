@@ -37,7 +37,7 @@ from ders_megatron.core.config import (
     mismatched_ders_flags,
     validate_ders_args,
 )
-from ders_megatron.io.safe_load import trust_checkpoints, vet_checkpoint
+from ders_megatron.io.safe_load import trust_checkpoints, vet_checkpoint, vet_legacy_checkpoint
 
 # --cpu: (args attribute, value for CPU, megatron 0.19.2 default, flag to pass).
 # tests/test_arguments.py checks the defaults against Megatron's parser.
@@ -167,19 +167,20 @@ def check_load_is_data(args) -> None:
     before megatron.training reads them: it reads the common state and builds its
     load strategy itself (``training/checkpointing.py:1562,1575``), with no seam for a
     safe reader. Inside ``trust_checkpoints`` (``--trust-checkpoint``) nothing is checked.
-    Only torch_dist checkpoints; the legacy ``--ckpt-format torch`` is megatron's alone.
+    The legacy ``--ckpt-format torch`` files are scanned for what ``weights_only`` would
+    refuse (:func:`~ders_megatron.io.safe_load.vet_legacy_checkpoint`): megatron would
+    refuse it too, but with exit status 0.
     """
     from ders_megatron.training.utils import checkpoint_to_resume
 
-    if args.ckpt_format == "torch":
-        return
+    legacy = args.ckpt_format == "torch"
     roots = [(args.pretrained_checkpoint, None)]
     if args.non_persistent_ckpt_type != "local":
         roots.append((args.load, getattr(args, "ckpt_step", None)))
     for root, step in roots:
-        found = checkpoint_to_resume(root, True, step) if root is not None else None
+        found = checkpoint_to_resume(root, not legacy, step) if root is not None else None
         if found is not None:
-            vet_checkpoint(found[1])
+            (vet_legacy_checkpoint if legacy else vet_checkpoint)(found[1])
 
 
 def check_load_matches_flags(args) -> None:

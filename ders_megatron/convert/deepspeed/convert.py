@@ -36,6 +36,7 @@ import re
 import torch
 
 from ders_megatron.convert.deepspeed.ffn import DeRSFFNConfig
+from ders_megatron.io.safe_load import load_file
 
 DS_EXPERTS = "deepspeed_moe.experts.deepspeed_experts"
 DS_GATE = "deepspeed_moe.gate.wg.weight"
@@ -163,9 +164,11 @@ def read_deepspeed_checkpoint(load_dir: str, tag: str | None = None) -> dict[str
     main_file = os.path.join(folder, "mp_rank_00_model_states.pt")
     if not os.path.isfile(main_file):
         raise FileNotFoundError(f"{main_file} not found (ZeRO-3 and model-parallel checkpoints are not supported)")
-    # The main file also pickles the DeepSpeed config object: a full unpickle, as DeepSpeed's
-    # own loader does. Only load checkpoints you trust.
-    state = dict(torch.load(main_file, map_location="cpu", weights_only=False)["module"])
+    # Files are data: weights_only=True (io/safe_load.load_file). DeepSpeed 0.19's main file holds
+    # the module's state dict, the ds_config as a plain dict, param shapes (OrderedDict of
+    # torch.Size) and counters, all within weights_only; anything else is refused by name
+    # (--trust-checkpoint / trust_checkpoints() for a full unpickle, as DeepSpeed's own loader does).
+    state = dict(load_file(main_file, "DeepSpeed checkpoint file")["module"])
     for path in sorted(glob.glob(os.path.join(folder, "layer_*_expert_*_mp_rank_00_model_states.pt"))):
-        state.update(torch.load(path, map_location="cpu", weights_only=True))
+        state.update(load_file(path, "DeepSpeed checkpoint file"))
     return state

@@ -12,6 +12,11 @@ Formats (``--format``):
   into the output.
 * ``llama`` / ``qwen2``: dense checkpoints (e.g. an import, after training).
 
+Files are data both ways: the tokenizer and generation configs copied from the source
+lose any ``auto_map`` / ``custom_pipelines`` (code the source pointed at,
+:func:`~ders_megatron.convert.hf.hf_files.drop_remote_code`); config.json is written
+here and names only our own ``ders`` modeling files (``--format ders``).
+
 Router semantics: megatron's TopKRouter with softmax scoring takes the top-k
 logits and softmaxes them (``transformer/moe/moe_utils.py:846-852``), which
 equals softmax over all experts, top-k, renormalized (Mixtral,
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -39,6 +45,7 @@ from ders_megatron.convert.hf.hf_files import (
     TOKENIZER_FILES,
     ShardedSafetensorsWriter,
     copy_tokenizer,
+    drop_remote_code,
     parse_size,
     warn_missing_tokenizer,
 )
@@ -124,6 +131,10 @@ def export_hf(
         writer.finish()
         config.save_pretrained(tmp)
         copied = copy_tokenizer(source, tmp) if source else []
+        dropped = drop_remote_code(tmp, copied)
+        if dropped:
+            warnings.warn(f"left out the source's custom-code references {', '.join(dropped)}: an export "
+                          "carries no code but our own ders modeling files", stacklevel=2)
         if "generation_config.json" not in copied:
             from transformers import GenerationConfig
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -13,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ders_megatron.convert.hf.dims import ConversionError
+from ders_megatron.io.errors import first_line
 
 # What AutoTokenizer / GenerationConfig read from a model folder.
 TOKENIZER_FILES = (
@@ -64,9 +66,10 @@ class HFSource:
         self.read_keys: set[str] = set()  # stored keys that served a request
         files = sorted(self.path.glob("*.safetensors"))
         for file in files:
-            with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():
-                    self._files[key] = file
+            with _readable(file):
+                with safe_open(str(file), framework="pt") as f:
+                    for key in f.keys():
+                        self._files[key] = file
         if not files:
             bins = sorted(self.path.glob("pytorch_model*.bin"))
             if not bins:
@@ -84,8 +87,9 @@ class HFSource:
         self.read_keys.add(key)
         if self._bin is not None:
             return self._bin[key]
-        with safe_open(str(self._files[key]), framework="pt") as f:
-            return f.get_tensor(key)
+        with _readable(self._files[key], key):
+            with safe_open(str(self._files[key]), framework="pt") as f:
+                return f.get_tensor(key)
 
     def get(self, name: str) -> torch.Tensor:
         tensor = self._raw(name)
@@ -106,6 +110,19 @@ class HFSource:
         return tensor if half is None else torch.chunk(tensor, 2, dim=0)[half].contiguous()
 
 
+@contextlib.contextmanager
+def _readable(file: Path, key: str | None = None):
+    """safetensors' errors for a cut or garbled file (``SafetensorError: Error while
+    deserializing header``, an ``OSError`` for a too-short mmap) as one line naming the file."""
+    try:
+        yield
+    except Exception as err:
+        if not (type(err).__name__ == "SafetensorError" or isinstance(err, (OSError, EOFError))):
+            raise
+        what = f" (reading {key})" if key else ""
+        raise ConversionError(f"{file} is truncated or damaged{what}: {first_line(err)}; re-download it") from err
+
+
 def copy_tokenizer(source, dest) -> list[str]:
     """Copy the tokenizer (and generation config) files of ``source`` into ``dest``."""
     source, dest = Path(source), Path(dest)
@@ -116,6 +133,34 @@ def copy_tokenizer(source, dest) -> list[str]:
             shutil.copy2(source / name, dest / name)
             copied.append(name)
     return copied
+
+
+# Keys through which a config names code to import from the model folder or the Hub
+# (transformers' dynamic modules: trust_remote_code=True would run it).
+REMOTE_CODE_KEYS = ("auto_map", "custom_pipelines")
+
+
+def drop_remote_code(folder, names) -> list[str]:
+    """Remove :data:`REMOTE_CODE_KEYS` from the JSON files ``names`` in ``folder`` (the
+    tokenizer and generation configs an export copied from its source): an export runs
+    only our own ``ders`` modeling files, never code the source pointed at. Returns
+    ``file:key`` for each removal."""
+    removed = []
+    for name in names:
+        path = Path(folder) / name
+        if path.suffix != ".json" or not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ConversionError(f"{path} is not readable JSON ({err}); fix or leave out that tokenizer file") from None
+        found = [key for key in REMOTE_CODE_KEYS if isinstance(data, dict) and key in data]
+        if found:
+            for key in found:
+                del data[key]
+            path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+            removed += [f"{name}:{key}" for key in found]
+    return removed
 
 
 def warn_missing_tokenizer(where: str, stacklevel: int = 3) -> None:
