@@ -103,23 +103,24 @@ def _free_bytes(path: Path) -> int | None:
         return None
 
 
-def write_failure(err: BaseException, path) -> DiskFullError | None:
-    """The error to raise for a failed write of ``path``: :class:`DiskFullError` when the
-    disk is full (the OS's errno, safetensors' wrapped one, or torch's errno-less zip
-    writer failure with the disk nearly full), else None (re-raise ``err`` as it is)."""
+def write_failure(err: BaseException, path, where=None) -> DiskFullError | None:
+    """The error to raise for a failed write of ``path`` (named ``where`` if given):
+    :class:`DiskFullError` when the disk is full (the OS's errno, safetensors' wrapped
+    one, or torch's errno-less zip writer failure with the disk nearly full), else None
+    (re-raise ``err`` as it is)."""
     path = Path(path)
     free = _free_bytes(path.parent if path.parent.exists() else Path("."))
     torch_write = any(any(text in str(e) for text in _TORCH_WRITE_FAILED) for e in causes(err))
     if is_disk_full(err) or (torch_write and free is not None and free < _LOW_SPACE_BYTES):
         left = f" ({free / 2**20:.0f} MiB left there)" if free is not None else ""
-        return DiskFullError(f"disk full writing {path}{left}: free space (or write elsewhere) and rerun; "
+        return DiskFullError(f"disk full writing {where or path}{left}: free space (or write elsewhere) and rerun; "
                              "nothing was written")
     return None
 
 
-def _fail(err: BaseException, path, tmp: Path):
+def _fail(err: BaseException, path, tmp: Path, where=None):
     """Clean up ``tmp`` and raise the error for a failed write of ``path``."""
-    failure = write_failure(err, path)  # before the cleanup frees the space
+    failure = write_failure(err, path, where)  # before the cleanup frees the space
     _remove(tmp)
     if failure is not None:
         raise failure from err
@@ -182,7 +183,7 @@ def atomic_output_files(paths):
         yield staged
         _install_files(staged, paths, tmp)
     except BaseException as err:
-        _fail(err, paths[0], tmp)
+        _fail(err, paths[0], tmp, f"{parent}/{{{','.join(p.name for p in paths)}}}")
     _remove(tmp)
 
 

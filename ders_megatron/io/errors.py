@@ -101,6 +101,8 @@ def failure_line(err: BaseException) -> str:
     error, the file it names and its first line."""
     if isinstance(err, KeyError) and err.args and isinstance(err.args[0], str):
         return err.args[0]
+    if isinstance(err, ValueError) and type(err).__module__.startswith("ders_megatron"):
+        return str(err)  # ours: it already names the file and the problem
     if type(err).__name__ == "CheckpointException":
         inner = next((e for e in causes(err) if e is not err and type(e).__name__ != "CheckpointException"), None)
         return failure_line(inner) if inner is not None else first_line(err)
@@ -115,8 +117,6 @@ def failure_line(err: BaseException) -> str:
         return f"{err.filename}: {err.strerror}" if err.filename else err.strerror
     if isinstance(err, EOFError):
         return f"a file ended early ({first_line(err)}): a truncated copy? re-copy it"
-    if isinstance(err, ValueError) and type(err).__module__.startswith("ders_megatron"):
-        return str(err)
     if isinstance(err, ValueError) and type(err) is ValueError:
         return str(err)
     return first_line(err)
