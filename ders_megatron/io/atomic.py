@@ -151,14 +151,14 @@ def _install_dir(tmp: Path, path: Path) -> None:
     if not path.exists():
         os.replace(tmp, path)
         return
-    old = Path(tempfile.mkdtemp(prefix=temp_prefix(path.name, "old"), dir=path.parent))
-    os.replace(path, old)  # rename(2) replaces the empty directory
+    old = path.with_name(temp_prefix(path.name, "old") + secrets.token_hex(4))  # a file or a directory
+    os.replace(path, old)
     try:
         os.replace(tmp, path)
     except BaseException:
         os.replace(old, path)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
 
 
 @contextlib.contextmanager
