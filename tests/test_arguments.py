@@ -148,7 +148,6 @@ INVALID = [
     ("--moe-ders lowrank --moe-ders-impl fused --expert-model-parallel-size 2", MOE,
      ["--moe-ders-impl fused", "--expert-model-parallel-size 1"]),
     ("--moe-ders lowrank --moe-layer-freq [1,0,1]", MOE, ["--moe-layer-freq", "--num-layers"]),
-    ("--moe-ders lowrank --qk-layernorm", MOE, ["--qk-layernorm"]),
     ("--moe-ders lowrank --spec local", MOE, ["--spec"]),
     ("--sft", MOE, ["--sft", "dataset provider"]),
     ("--fim-data", MOE, ["--fim-data", "dataset provider"]),

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from ders_megatron.convert.hf.dims import ModelDims
-from ders_megatron.testing.hf import VOCAB, save_tiny_hf, tiny_tokenizer, tokens
+from ders_megatron.convert.hf.dims import MOE_FAMILIES
+from ders_megatron.testing.hf import TINY_FAMILIES, VOCAB, save_tiny_hf, tiny_tokenizer, tokens
 
 # float32 both sides. The HF model runs the same products as megatron's (DeRS:
 # base GEMM plus delta term per expert; synthesized formats: W_base + Δ_e merged in
@@ -51,6 +52,14 @@ CASES = {
     "lowrank-extended-shared": (dict(shared_expert_size=96, ders_kind="lowrank", ders_rank=3,
                                      ders_shared_expert=True), ["qwen2_moe", "ders"]),
 }
+# per-head QK-norm (Qwen3): Qwen3-MoE, and the compact format on Qwen3-MoE's decoder
+CASES.update({
+    "vanilla-qk-norm-presoftmax": (dict(qk_layernorm=True, moe_pattern=(0, 1), router_pre_softmax=True),
+                                   ["qwen3_moe"]),
+    "lowrank-qk-norm-shared": (dict(SHARED_MIXED, qk_layernorm=True, ders_kind="lowrank", ders_rank=2,
+                                    shared_expert_gate=True), ["ders"]),
+    "sparse-qk-norm": (dict(qk_layernorm=True, ders_kind="sparse", ders_drop_rate=0.9), ["qwen3_moe", "ders"]),
+})
 # compressed delta kinds (tools/compress.py)
 CASES.update({
     # 4-bit group-wise codes on gate/up, magnitude-sparse (explicit indices) on down
@@ -119,8 +128,13 @@ def test_export_matches_megatron_logits(dist1, tmp_path, case):
     reference = save_checkpoint(dist1, tmp_path / "ckpt", case)
     for fmt in CASES[case][1]:
         model = check_export(tmp_path / "ckpt", tmp_path / fmt, fmt, reference)
-        expected = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "ders": "DeRSMoEForCausalLM"}
+        expected = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                    "qwen3_moe": "Qwen3MoeForCausalLM", "ders": "DeRSMoEForCausalLM"}
         assert type(model).__name__ == expected[fmt]
+        if fmt == "ders":  # the family's own decoder: Qwen3-MoE's for QK-norm, with its q_norm
+            family = "Qwen3Moe" if dims_of(case).qk_layernorm else "Qwen2Moe"
+            assert type(model.model).__name__ == f"{family}Model"
+            assert hasattr(model.model.layers[0].self_attn, "q_norm") == dims_of(case).qk_layernorm
 
 
 @pytest.mark.parametrize("case", ["vanilla", "lowrank", "sparse-extended-shared"])
@@ -181,8 +195,10 @@ def _tensors(folder):
     return {key: source.get(key) for key in source.keys()}
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
 def test_hf_megatron_hf_round_trip_is_identity(dist1, tmp_path, family):
+    """Every family: HF -> Megatron -> HF in the same format gives the same tensors, bit for
+    bit, and the same config fields."""
     from ders_megatron.convert.hf import export_hf
 
     save_tiny_hf(family, tmp_path / "hf")
@@ -190,15 +206,19 @@ def test_hf_megatron_hf_round_trip_is_identity(dist1, tmp_path, family):
     export_hf(tmp_path / "megatron", tmp_path / "back", fmt=family, progress=False)
     before, after = _tensors(tmp_path / "hf"), _tensors(tmp_path / "back")
     assert before.keys() == after.keys()
-    assert any(".experts.3." in key for key in after)  # the classic per-expert keys
+    if family in MOE_FAMILIES:
+        assert any(".experts.3." in key for key in after)  # the classic per-expert keys
     for key, tensor in before.items():
         assert torch.equal(after[key], tensor), key
     config = lambda folder: json.loads((folder / "config.json").read_text())  # noqa: E731
     a, b = config(tmp_path / "hf"), config(tmp_path / "back")
-    for field in ("model_type", "num_hidden_layers", "num_key_value_heads", "rope_parameters", "rms_norm_eps",
+    for field in ("model_type", "architectures", "num_hidden_layers", "num_key_value_heads",
+                  "rope_parameters", "rms_norm_eps", "intermediate_size", "moe_intermediate_size",
                   "num_experts_per_tok", "norm_topk_prob", "mlp_only_layers", "tie_word_embeddings",
                   "bos_token_id", "eos_token_id"):
         assert a.get(field) == b.get(field), field
+    head_dim = lambda c: c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]  # noqa: E731
+    assert head_dim(a) == head_dim(b)  # written explicitly on export
     # The tokenizer travelled HF -> megatron/hf/ -> export.
     assert (tmp_path / "back" / "tokenizer.json").is_file()
 
@@ -268,18 +288,33 @@ def test_compact_ders_size_matches_accounting_and_loads_without_package(dist1, t
     assert synthesized > 3 * compact  # 8 full experts per layer against one base + rank-4 deltas
     print(f"\ncompact ders {compact} B, predicted {predicted} B, mixtral (synthesized) {synthesized} B")
 
+    torch.testing.assert_close(remote_code_logits(tmp_path / "ders", ids, tmp_path), reference, atol=ATOL, rtol=RTOL)
+    with torch.no_grad():  # and through the package's registration
+        torch.testing.assert_close(load_hf(tmp_path / "ders")(ids).logits, reference, atol=ATOL, rtol=RTOL)
+
+
+def remote_code_logits(folder, ids, tmp_path):
+    """Logits of ``folder`` loaded with trust_remote_code in a clean process without ders-megatron."""
     torch.save(ids, tmp_path / "ids.pt")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     result = subprocess.run(
-        [sys.executable, "-c", REMOTE_LOAD, str(tmp_path / "ders"), str(tmp_path / "ids.pt"),
-         str(tmp_path / "logits.pt")],
+        [sys.executable, "-c", REMOTE_LOAD, str(folder), str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), reference, atol=ATOL, rtol=RTOL)
-    with torch.no_grad():  # and through the package's registration
-        torch.testing.assert_close(load_hf(tmp_path / "ders")(ids).logits, reference, atol=ATOL, rtol=RTOL)
+    return torch.load(tmp_path / "logits.pt")
+
+
+def test_compact_ders_on_qwen3_moe_loads_without_package(dist1, tmp_path):
+    """The compact format of a QK-norm checkpoint is Qwen3-MoE's decoder with DeRS experts,
+    loaded with trust_remote_code where ders-megatron is not importable."""
+    reference = save_checkpoint(dist1, tmp_path / "ckpt", "lowrank-qk-norm-shared")
+    export(tmp_path / "ckpt", tmp_path / "ders", "ders")
+    config = json.loads((tmp_path / "ders" / "config.json").read_text())
+    assert (config["model_type"], config["base_model_type"]) == ("ders_moe", "qwen3_moe")
+    torch.testing.assert_close(remote_code_logits(tmp_path / "ders", tokens(), tmp_path), reference,
+                               atol=ATOL, rtol=RTOL)
 
 
 def test_remote_code_sparse_positions_match_the_package():

@@ -1,15 +1,18 @@
 """``convert_hf``: Hugging Face <-> megatron-core checkpoints (``tools/convert_hf.py``).
 
-    convert_hf.py import --hf-dir DIR --output CKPT [--make-vocab-size-divisible-by 128]
+    convert_hf.py import --hf-dir DIR|ORG/NAME --output CKPT [--make-vocab-size-divisible-by 128]
                          [--tensor-model-parallel-size 1] [--force]
-    convert_hf.py export --checkpoint CKPT --output DIR --format {mixtral,qwen2_moe,ders,llama,qwen2}
+    convert_hf.py export --checkpoint CKPT --output DIR
+                         --format {mixtral,qwen2_moe,qwen3_moe,ders,llama,mistral,qwen2,qwen3}
                          [--tokenizer DIR] [--max-shard-size 5GB] [--dtype ...] [--force]
                          [--trust-checkpoint]
 
-Bad input (unknown architecture or format, a checkpoint without MoE for a MoE
-format, an existing output without --force, a truncated or damaged file, NaN/Inf
-weights, a full disk) ends with one line ``error: ...`` naming the file and exit
-status 2, leaving nothing behind (``--debug``: the traceback too).
+Bad input (unknown or refused architecture -- OLMoE, DeepSeek MLA --, sliding
+windows, an embedding tie the weights contradict, unknown format, a checkpoint
+without MoE for a MoE format, an existing output without --force, a truncated or
+damaged file, NaN/Inf weights, a full disk) ends with one line ``error: ...``
+naming the file and exit status 2, leaving nothing behind (``--debug``: the
+traceback too).
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="convert_hf", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    imp = sub.add_parser("import", help="HF folder (Llama, Mistral, Qwen2, Mixtral, Qwen2-MoE) -> Megatron checkpoint")
-    imp.add_argument("--hf-dir", required=True, help="Hugging Face model folder (config.json + weights)")
+    imp = sub.add_parser("import", help="HF folder (Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen2-MoE, Qwen3-MoE) "
+                         "-> Megatron checkpoint")
+    imp.add_argument("--hf-dir", required=True, help="Hugging Face model folder (config.json + weights), or a "
+                     "repo id ORG/NAME already in the local Hugging Face cache (never downloaded)")
     imp.add_argument("--output", required=True, help="Megatron checkpoint root to write (use with --load)")
     imp.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                      help="pad the vocabulary as Megatron does (times --tensor-model-parallel-size)")

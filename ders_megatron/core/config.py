@@ -758,7 +758,6 @@ UNSUPPORTED_MODEL_FLAGS = (
     ("spec", "--spec (this entry point builds its own layer spec)"),
     ("hybrid_layer_pattern", "--hybrid-layer-pattern (GPTModel only)"),
     ("multi_latent_attention", "--multi-latent-attention"),
-    ("qk_layernorm", "--qk-layernorm"),
     ("experimental_attention_variant", "--experimental-attention-variant"),
     ("mtp_num_layers", "--mtp-num-layers"),
     ("heterogeneous_layers_config_path", "--heterogeneous-layers-config-path"),

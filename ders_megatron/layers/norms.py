@@ -31,3 +31,24 @@ def ParallelTorchNorm(
     for param in norm.parameters():
         param.sequence_parallel = config.sequence_parallel
     return norm
+
+
+def QKNorm(config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused) -> torch.nn.Module:
+    """Per-head query/key norm (``--qk-layernorm``; Qwen3's ``q_norm`` / ``k_norm``) on the
+    local backend.
+
+    megatron-core's attention applies it to ``[sq, b, heads, head_dim]`` after the fused QKV
+    projection has gathered the sequence (``transformer/attention.py:1920-1924``), so it
+    never sees a sequence-parallel chunk: unlike :func:`ParallelTorchNorm` it is not marked
+    ``sequence_parallel``. Each TP rank holds other heads, so its weight gradient is partial;
+    ``finalize_model_grads`` sums q/k_layernorm gradients over TP when ``qk_layernorm`` is on
+    (``distributed/finalize_model_grads.py:451-453``). megatron's own local choice,
+    ``WrappedTorchNorm``, refuses sequence parallelism outright (``transformer/torch_norm.py:50``),
+    which MoE with TP > 1 requires.
+    """
+    if config.normalization == "RMSNorm":
+        return torch.nn.RMSNorm(hidden_size, eps=eps, dtype=config.params_dtype)
+    if config.normalization == "LayerNorm":
+        return torch.nn.LayerNorm(hidden_size, eps=eps, dtype=config.params_dtype)
+    raise ValueError(f"--normalization {config.normalization} is not supported by the torch QK norm; "
+                     "use LayerNorm or RMSNorm.")

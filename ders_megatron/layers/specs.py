@@ -30,7 +30,7 @@ from megatron.core.transformer.transformer_layer import (
 from ders_megatron.core.config import DeRSConfig
 from ders_megatron.layers.experts import DeRSExperts, DeRSMoELayer
 from ders_megatron.layers.fused import FusedDeRSMoELayer
-from ders_megatron.layers.norms import ParallelTorchNorm
+from ders_megatron.layers.norms import ParallelTorchNorm, QKNorm
 from ders_megatron.layers.shared_expert import DeRSSharedExpert
 
 
@@ -86,11 +86,16 @@ def gpt_layer_spec(
     ders=None,
     normalization: str = "LayerNorm",
     use_te: bool = False,
+    qk_layernorm: bool = False,
 ) -> ModuleSpec:
     """A GPT transformer layer: dense MLP, vanilla MoE, or DeRS MoE.
 
     On the local backend the norms are :func:`ParallelTorchNorm` so sequence
-    parallelism works without TE/apex.
+    parallelism works without TE/apex, and ``qk_layernorm`` (per-head query/key norm,
+    Qwen3) is :func:`QKNorm`: megatron's local spec would give ``WrappedTorchNorm``, which
+    refuses sequence parallelism, and without ``qk_layernorm`` in the spec megatron's
+    attention keeps the spec's ``IdentityOp`` even when the config asks for the norm
+    (``transformer/attention.py:1700-1703``: ``submodules.q_layernorm or TENorm``).
     """
     if use_te:
         from megatron.core.models.gpt.gpt_layer_specs import (
@@ -98,7 +103,9 @@ def gpt_layer_spec(
         )
 
         _backend(True)
-        submodules = get_gpt_layer_with_transformer_engine_submodules(num_experts=num_experts)
+        submodules = get_gpt_layer_with_transformer_engine_submodules(
+            num_experts=num_experts, qk_layernorm=qk_layernorm
+        )
     else:
         submodules = get_gpt_layer_local_submodules(
             num_experts=num_experts, normalization=normalization
@@ -106,6 +113,13 @@ def gpt_layer_spec(
         submodules = dataclasses.replace(
             submodules, input_layernorm=ParallelTorchNorm, pre_mlp_layernorm=ParallelTorchNorm
         )
+        if qk_layernorm:
+            attention = submodules.self_attention
+            attention = ModuleSpec(
+                module=attention.module, params=attention.params,
+                submodules=dataclasses.replace(attention.submodules, q_layernorm=QKNorm, k_layernorm=QKNorm),
+            )
+            submodules = dataclasses.replace(submodules, self_attention=attention)
     if num_experts is not None and ders is not None:
         submodules = dataclasses.replace(submodules, mlp=ders_moe_spec(ders, use_te=use_te))
     return ModuleSpec(module=TransformerLayer, submodules=submodules)
@@ -132,10 +146,10 @@ def gpt_block_spec(
     Mirrors ``get_gpt_decoder_block_spec`` (``models/gpt/gpt_layer_specs.py:676``),
     slicing the layers this stage builds, with a final norm that supports SP.
     """
-    normalization = config.normalization
-    dense = gpt_layer_spec(None, normalization=normalization, use_te=use_te)
+    normalization, qk = config.normalization, bool(config.qk_layernorm)
+    dense = gpt_layer_spec(None, normalization=normalization, use_te=use_te, qk_layernorm=qk)
     moe = (
-        gpt_layer_spec(config.num_moe_experts, ders, normalization, use_te)
+        gpt_layer_spec(config.num_moe_experts, ders, normalization, use_te, qk_layernorm=qk)
         if config.num_moe_experts
         else dense
     )

@@ -33,6 +33,14 @@ TINY_FAMILIES = {
         mlp_only_layers=[1],  # a dense layer after a MoE layer
         norm_topk_prob=False,
     ),
+    "qwen3": dict(head_dim=24, tie_word_embeddings=True),  # per-head QK-norm, head_dim != hidden / heads
+    "qwen3_moe": dict(  # QK-norm, fine-grained experts, no shared expert
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        mlp_only_layers=[0],  # a dense layer before a MoE layer
+        norm_topk_prob=True,
+    ),
 }
 
 

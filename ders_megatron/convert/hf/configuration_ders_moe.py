@@ -4,9 +4,10 @@ This file is copied next to every ``--format ders`` export, so that
 ``AutoConfig.from_pretrained(dir, trust_remote_code=True)`` works without
 ders-megatron installed: it must import nothing but transformers.
 
-The model is a Qwen2-MoE-shaped decoder (RMSNorm, RoPE, grouped-query attention
-with optional q/k/v bias, SwiGLU) whose MoE layers store one shared base FFN plus
-a light delta per expert (DeRS, arXiv 2503.01359).
+The model is the decoder of a transformers MoE family, ``base_model_type``
+(``qwen2_moe``: attention with optional q/k/v bias; ``qwen3_moe``: per-head
+QK-norm), built by transformers itself, whose MoE layers store one shared base FFN
+plus a light delta per expert (DeRS, arXiv 2503.01359).
 
 Each projection (gate_proj, up_proj, down_proj) has a delta kind,
 ``ders_matrices[proj]``:
@@ -35,6 +36,7 @@ DERS_KINDS = ("lowrank", "sparse", "dense", "codec")
 MATRIX_KINDS = ("lowrank", "sparse", "dense", "quant", "indexed")
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 SHARED_EXPERT_KINDS = ("none", "full", "ders")
+BASE_MODEL_TYPES = ("qwen2_moe", "qwen3_moe")  # whose decoder modeling_ders_moe builds
 
 
 @strict
@@ -51,6 +53,9 @@ class DeRSMoEConfig(Qwen2MoeConfig):
     shared_expert_kind (`str`): "none", "full" (a separate FFN, Qwen2-MoE's) or "ders"
         (extended DeRS: the experts' base plus its own delta).
     shared_expert_gate (`bool`): the shared expert's output is scaled by sigmoid(x · g).
+    base_model_type (`str`): the transformers family whose decoder (attention, norms, RoPE,
+        dense MLPs, router) the model is: "qwen2_moe" or "qwen3_moe".
+    attention_bias (`bool`): Qwen3-MoE's bias on q/k/v/o (always False in exports).
     """
 
     model_type = "ders_moe"
@@ -64,8 +69,12 @@ class DeRSMoEConfig(Qwen2MoeConfig):
     ders_quant_group_size: int = 128
     shared_expert_kind: str = "none"
     shared_expert_gate: bool = False
+    base_model_type: str = "qwen2_moe"
+    attention_bias: bool = False
 
     def __post_init__(self, **kwargs):
+        if self.base_model_type not in BASE_MODEL_TYPES:
+            raise ValueError(f"base_model_type must be one of {BASE_MODEL_TYPES}, got {self.base_model_type!r}")
         if self.ders_kind not in DERS_KINDS:
             raise ValueError(f"ders_kind must be one of {DERS_KINDS}, got {self.ders_kind!r}")
         if self.ders_matrices is None:
@@ -85,6 +94,10 @@ class DeRSMoEConfig(Qwen2MoeConfig):
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         super().__post_init__(**kwargs)
+        if self.base_model_type == "qwen3_moe" and not self.use_sliding_window:
+            # Qwen2MoeConfig writes 0 for "no window"; Qwen3-MoE's model reads None as "no window"
+            # (modeling_qwen3_moe.py: create_causal_mask if sliding_window is None).
+            self.sliding_window = None
 
 
 __all__ = ["DeRSMoEConfig"]

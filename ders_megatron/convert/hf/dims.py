@@ -5,9 +5,11 @@ megatron.training stores them) or from a Hugging Face config, and written back
 as either. Every feature a side cannot express is rejected here, with a message
 that names the flag or config field, before any tensor is touched.
 
-Hugging Face families (``HF_FAMILIES``): Llama, Mistral, Qwen2 (q/k/v bias),
-SmolLM2 (a Llama) for dense models; Mixtral (no shared expert) and Qwen2-MoE
-(one gated shared expert) for MoE; ``ders_moe`` is our compact DeRS format.
+Hugging Face families (:data:`IMPORT_FAMILIES`): Llama, Mistral, Qwen2 (q/k/v bias),
+Qwen3 (per-head QK-norm), SmolLM2 (a Llama) for dense models; Mixtral (no shared
+expert), Qwen2-MoE (one gated shared expert) and Qwen3-MoE (fine-grained experts,
+QK-norm) for MoE; ``ders_moe`` is our compact DeRS format. Families that cannot be
+converted faithfully are refused by name with the reason (:data:`REFUSED_FAMILIES`).
 """
 
 from __future__ import annotations
@@ -20,17 +22,32 @@ from dataclasses import asdict, dataclass, field, replace
 
 from ders_megatron.core.config import DEFAULTS, canonical_kind, ders_args, ders_config_from_args
 
-DENSE_FAMILIES = ("llama", "mistral", "qwen2")
-MOE_FAMILIES = ("mixtral", "qwen2_moe")
+DENSE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
 IMPORT_FAMILIES = DENSE_FAMILIES + MOE_FAMILIES
-EXPORT_FORMATS = ("mixtral", "qwen2_moe", "ders", "llama", "qwen2")
+EXPORT_FORMATS = ("mixtral", "qwen2_moe", "qwen3_moe", "ders", "llama", "mistral", "qwen2", "qwen3")
+DENSE_FORMATS = ("llama", "mistral", "qwen2", "qwen3")
+QK_NORM_FORMATS = ("qwen3", "qwen3_moe")  # per-head q_norm / k_norm = megatron's --qk-layernorm
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
     "mixtral": "MixtralForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
     "ders_moe": "DeRSMoEForCausalLM",
+}
+_MLA = ("multi-head latent attention (MLA): megatron-core 0.19.2 builds MLA only with Transformer Engine "
+        "(transformer/multi_latent_attention.py:214 hands k_channels/v_channels to the core attention, which "
+        "the local DotProductAttention does not take), so it cannot be built or checked here")
+# model_type -> why it is not converted (named in the error).
+REFUSED_FAMILIES = {
+    "deepseek_v2": _MLA,
+    "deepseek_v3": _MLA,
+    "olmoe": ("OLMoE's QK-norm normalizes the whole projected q / k (q_norm over num_heads*head_dim, "
+              "modeling_olmoe.py OlmoeAttention), megatron-core's --qk-layernorm one head at a time "
+              "(transformer/attention.py:1722-1737, hidden_size_per_attention_head): the logits would differ"),
 }
 # Megatron's --use-rope-scaling is Llama 3.1's rule with these fixed parameters
 # (models/common/embeddings/rotary_pos_embedding.py:92-99).
@@ -72,6 +89,7 @@ class ModelDims:
     norm_epsilon: float = 1e-5
     tie_embeddings: bool = False
     qkv_bias: bool = False
+    qk_layernorm: bool = False  # per-head RMSNorm on queries and keys (Qwen3's q_norm / k_norm)
     # MoE (num_experts 0 = dense)
     num_experts: int = 0
     topk: int = 2
@@ -144,7 +162,8 @@ class ModelDims:
         _check(not get("add_bias_linear", False), "--add-bias-linear has no Llama-family equivalent")
         _check(get("rotary_percent", 1.0) == 1.0, "--rotary-percent other than 1.0 has no HF equivalent here")
         _check(not get("rotary_interleaved", False), "--rotary-interleaved has no HF equivalent here")
-        _check(not get("qk_layernorm", False), "--qk-layernorm is not supported by these formats")
+        _check(not get("qk_l2_norm", False), "--qk-l2-norm has no HF equivalent here")
+        _check(not get("multi_latent_attention", False), f"--multi-latent-attention: {_MLA}")
         _check(not get("apply_layernorm_1p", False), "--apply-layernorm-1p is not supported")
         _check(get("rotary_seq_len_interpolation_factor") in (None, 1),
                "--rotary-seq-len-interpolation-factor is not supported")
@@ -170,6 +189,7 @@ class ModelDims:
             norm_epsilon=get("layernorm_epsilon") or get("norm_epsilon") or 1e-5,
             tie_embeddings=not get("untie_embeddings_and_output_weights", False),
             qkv_bias=bool(get("add_qkv_bias", False)),
+            qk_layernorm=bool(get("qk_layernorm", False)),
             **moe,
         )
 
@@ -242,6 +262,7 @@ class ModelDims:
             vocab_size=self.vocab_size,
             add_bias_linear=False,
             add_qkv_bias=self.qkv_bias,
+            qk_layernorm=self.qk_layernorm,
             num_experts=self.num_experts or None,
             moe_router_topk=self.topk,
             moe_ffn_hidden_size=self.moe_ffn_hidden_size or None,
@@ -264,6 +285,8 @@ class ModelDims:
     def from_hf_config(cls, config, *, divisible_by: int = 128, tensor_parallel_size: int = 1) -> "ModelDims":
         """From a transformers config of one of :data:`IMPORT_FAMILIES`."""
         family = config.model_type
+        _check(family not in REFUSED_FAMILIES, f"model_type {family!r} is not converted: "
+               f"{REFUSED_FAMILIES.get(family)}")
         _check(family in IMPORT_FAMILIES,
                f"unsupported Hugging Face architecture {family!r} "
                f"({', '.join(getattr(config, 'architectures', None) or [])}); "
@@ -283,6 +306,7 @@ class ModelDims:
             norm_epsilon=config.rms_norm_eps,
             tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
             qkv_bias=_hf_qkv_bias(config),
+            qk_layernorm=family in QK_NORM_FORMATS,
             **_hf_rope(config),
             **_hf_moe(config),
         )
@@ -292,14 +316,20 @@ class ModelDims:
     def check_format(self, fmt: str) -> None:
         """Reject, naming ``fmt``, what the export format cannot express."""
         _check(fmt in EXPORT_FORMATS, f"unknown --format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
-        if fmt in ("llama", "qwen2"):
+        if self.qk_layernorm:
+            _check(fmt in QK_NORM_FORMATS + ("ders",), f"--format {fmt} has no QK-norm and this checkpoint has "
+                   "--qk-layernorm; use --format qwen3 (dense), qwen3_moe or ders")
+        else:
+            _check(fmt not in QK_NORM_FORMATS, f"--format {fmt} always normalizes queries and keys and this "
+                   "checkpoint has no --qk-layernorm; use --format llama or qwen2 (dense), mixtral or qwen2_moe")
+        if fmt in DENSE_FORMATS:
             _check(not self.is_moe, f"--format {fmt} is for dense models; this checkpoint has MoE layers "
-                   "(use mixtral, qwen2_moe or ders)")
+                   "(use mixtral, qwen2_moe, qwen3_moe or ders)")
             _check(fmt == "qwen2" or not self.qkv_bias,
-                   "--format llama cannot hold q/k/v biases without an o_proj bias; use --format qwen2")
+                   f"--format {fmt} cannot hold q/k/v biases without an o_proj bias; use --format qwen2")
             return
         _check(self.is_moe, f"--format {fmt} needs a MoE checkpoint, but this one has no MoE layers "
-               "(--num-experts unset); use --format llama or qwen2")
+               "(--num-experts unset); use --format llama, qwen2 or qwen3")
         if fmt == "mixtral":
             _check(not self.shared_expert_size, "--format mixtral has no shared expert; use --format qwen2_moe "
                    "(or ders)")
@@ -308,12 +338,19 @@ class ModelDims:
             _check(not self.router_pre_softmax, "--format mixtral renormalizes the top-k probabilities; "
                    "--moe-router-pre-softmax does not (use --format qwen2_moe: norm_topk_prob=False)")
             _check(not self.qkv_bias, "--format mixtral has no q/k/v bias (--add-qkv-bias); use qwen2_moe")
+        if fmt == "qwen3_moe":
+            _check(not self.shared_expert_size, "--format qwen3_moe has no shared expert "
+                   "(--moe-shared-expert-intermediate-size); use --format ders")
+            _check(not self.qkv_bias, "--format qwen3_moe has no q/k/v bias without an o_proj bias "
+                   "(--add-qkv-bias)")
         if fmt == "qwen2_moe":
             _check(self.shared_expert_size, "--format qwen2_moe always has a shared expert and this checkpoint "
                    "has none (--moe-shared-expert-intermediate-size); use --format mixtral or ders")
         if fmt == "ders":
             _check(self.is_ders, "--format ders needs a DeRS checkpoint (--moe-ders lowrank|sparse|dense); "
-                   "this one has megatron's own experts: use mixtral or qwen2_moe")
+                   "this one has megatron's own experts: use mixtral, qwen2_moe or qwen3_moe")
+            _check(not (self.qk_layernorm and self.qkv_bias), "--format ders builds Qwen3-MoE's decoder for "
+                   "--qk-layernorm, which has no q/k/v bias without an o_proj bias (--add-qkv-bias)")
 
     def hf_config(self, fmt: str, token_ids: dict | None = None, dtype: str = "float32",
                   ders_matrices: dict[str, str] | None = None):
@@ -340,8 +377,13 @@ class ModelDims:
         if fmt == "llama":
             return transformers.LlamaConfig(intermediate_size=self.ffn_hidden_size, attention_bias=False,
                                             mlp_bias=False, **common)
+        if fmt == "mistral":  # full attention: megatron has no sliding window
+            return transformers.MistralConfig(intermediate_size=self.ffn_hidden_size, sliding_window=None, **common)
         if fmt == "qwen2":
             return transformers.Qwen2Config(intermediate_size=self.ffn_hidden_size, **common)
+        if fmt == "qwen3":
+            return transformers.Qwen3Config(intermediate_size=self.ffn_hidden_size, attention_bias=False,
+                                            use_sliding_window=False, **common)
         moe = dict(num_experts_per_tok=self.topk)
         if fmt == "mixtral":
             return transformers.MixtralConfig(intermediate_size=self.moe_ffn_hidden_size,
@@ -360,6 +402,9 @@ class ModelDims:
         )
         if fmt == "qwen2_moe":
             return transformers.Qwen2MoeConfig(**qwen, **common)
+        if fmt == "qwen3_moe":
+            qwen3 = {k: v for k, v in qwen.items() if k not in ("shared_expert_intermediate_size", "qkv_bias")}
+            return transformers.Qwen3MoeConfig(attention_bias=False, use_sliding_window=False, **qwen3, **common)
         from ders_megatron.convert.hf.configuration_ders_moe import DeRSMoEConfig
 
         if ders_matrices is None:
@@ -371,6 +416,7 @@ class ModelDims:
             ders_quant_group_size=self.ders_quant_group_size,
             shared_expert_kind=self.shared_expert_kind,
             shared_expert_gate=self.shared_expert_gate,
+            base_model_type="qwen3_moe" if self.qk_layernorm else "qwen2_moe",
             auto_map={
                 "AutoConfig": "configuration_ders_moe.DeRSMoEConfig",
                 "AutoModelForCausalLM": "modeling_ders_moe.DeRSMoEForCausalLM",
@@ -401,6 +447,9 @@ def _hf_qkv_bias(config) -> bool:
         return True  # Qwen2Attention: bias=True on q/k/v, none on o (modeling_qwen2.py:181-184)
     if family == "qwen2_moe":
         return bool(config.qkv_bias)  # modeling_qwen2_moe.py:222-225
+    if family in QK_NORM_FORMATS:
+        _check(not config.attention_bias, f"{family} attention_bias=True also biases o_proj, which Megatron's "
+               "--add-qkv-bias does not")
     if family == "llama":
         _check(not config.attention_bias,
                "Llama attention_bias=True also biases o_proj, which Megatron's --add-qkv-bias does not")
@@ -432,7 +481,7 @@ def _hf_moe(config) -> dict:
             moe_pattern=(1,) * config.num_hidden_layers,
             extra={"moe_aux_loss_coeff": config.router_aux_loss_coef},
         )
-    if family == "qwen2_moe":
+    if family in ("qwen2_moe", "qwen3_moe"):
         pattern = tuple(
             int(
                 i not in config.mlp_only_layers
@@ -440,29 +489,37 @@ def _hf_moe(config) -> dict:
                 and (i + 1) % config.decoder_sparse_step == 0
             )
             for i in range(config.num_hidden_layers)
-        )  # Qwen2MoeDecoderLayer.__init__ (modeling_qwen2_moe.py:358)
-        shared = config.shared_expert_intermediate_size
-        _check(shared > 0, "Qwen2-MoE with shared_expert_intermediate_size=0 is not supported")
-        return dict(
+        )  # Qwen2MoeDecoderLayer.__init__ (modeling_qwen2_moe.py:358), Qwen3MoeDecoderLayer (:310)
+        common = dict(
             num_experts=config.num_experts,
             topk=config.num_experts_per_tok,
             moe_ffn_hidden_size=config.moe_intermediate_size,
             moe_pattern=pattern,
-            shared_expert_size=shared,
-            shared_expert_gate=True,  # sigmoid(shared_expert_gate(x)) (modeling_qwen2_moe.py:347)
             # norm_topk_prob=False: softmax over all experts, top-k, no renormalization
             # = megatron's --moe-router-pre-softmax (transformer/moe/moe_utils.py:840-845).
             router_pre_softmax=not config.norm_topk_prob,
             extra={"moe_aux_loss_coeff": config.router_aux_loss_coef},
+        )
+        if family == "qwen3_moe":
+            return common  # no shared expert (modeling_qwen3_moe.py Qwen3MoeSparseMoeBlock)
+        shared = config.shared_expert_intermediate_size
+        _check(shared > 0, "Qwen2-MoE with shared_expert_intermediate_size=0 is not supported")
+        return dict(
+            common,
+            shared_expert_size=shared,
+            shared_expert_gate=True,  # sigmoid(shared_expert_gate(x)) (modeling_qwen2_moe.py:347)
         )
     return {}
 
 
 def _warn_sliding_window(config) -> None:
     window = getattr(config, "sliding_window", None)
-    if config.model_type == "qwen2":
-        _check(not config.use_sliding_window, "Qwen2 use_sliding_window=True is not supported by Megatron's "
-               "local attention")
+    if config.model_type in ("qwen2", "qwen3", "qwen3_moe"):
+        _check(not config.use_sliding_window, f"{config.model_type} use_sliding_window=True (sliding-window "
+               "attention) is not supported by Megatron's local attention")
+        layer_types = set(getattr(config, "layer_types", None) or ())
+        _check(layer_types <= {"full_attention"}, f"{config.model_type} layer_types {sorted(layer_types)}: "
+               "sliding-window layers are not supported by Megatron's local attention")
         return
     if config.model_type in ("mistral", "mixtral") and window:
         warnings.warn(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
 import warnings
@@ -48,6 +49,39 @@ def parse_size(text: str | int) -> int:
 # --------------------------------------------------------------------------- #
 # Reading
 # --------------------------------------------------------------------------- #
+_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def hub_cache_dir() -> Path:
+    """huggingface_hub's cache folder, by its own rules (``HF_HUB_CACHE``, else ``$HF_HOME/hub``,
+    else ``~/.cache/huggingface/hub``), read at call time."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "huggingface"
+    return Path(home) / "hub"
+
+
+def resolve_hf_dir(value) -> Path:
+    """``--hf-dir``: a model folder, or a repo id (``ORG/NAME``) already in the local Hugging
+    Face cache (``models--ORG--NAME/snapshots/<rev>``, the revision ``refs/main`` names, else
+    the only snapshot). Nothing is downloaded: a repo id not in the cache is an error."""
+    path = Path(value)
+    if path.is_dir() or not _REPO_ID.match(str(value)):
+        return path
+    repo = hub_cache_dir() / f"models--{str(value).replace('/', '--')}"
+    snapshots = sorted(p for p in (repo / "snapshots").glob("*") if (p / "config.json").is_file())
+    ref = repo / "refs" / "main"
+    if ref.is_file() and (repo / "snapshots" / ref.read_text().strip() / "config.json").is_file():
+        return repo / "snapshots" / ref.read_text().strip()
+    if len(snapshots) == 1:
+        return snapshots[0]
+    if snapshots:
+        raise ConversionError(f"--hf-dir {value}: the cache holds {len(snapshots)} snapshots and no refs/main; "
+                              f"pass the folder of one of them ({repo / 'snapshots'})")
+    raise ConversionError(f"--hf-dir {value}: not a folder, and not in the local Hugging Face cache ({repo}); "
+                          "nothing is downloaded: fetch it first (e.g. `hf download " f"{value}`) or pass a folder")
+
+
 class HFSource:
     """Tensors of an HF model folder by name, read one at a time (safetensors, or
     ``pytorch_model*.bin`` loaded with ``weights_only=True``)."""

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from ders_megatron.io.checkpoint import CheckpointError, atomic_output_dir, save_model
-from ders_megatron.convert.hf.dims import IMPORT_FAMILIES, ConversionError, ModelDims
-from ders_megatron.convert.hf.hf_files import HFSource, copy_tokenizer, warn_missing_tokenizer
-from ders_megatron.convert.hf.keymap import KeyMapError, all_maps
+from ders_megatron.convert.hf.dims import IMPORT_FAMILIES, REFUSED_FAMILIES, ConversionError, ModelDims
+from ders_megatron.convert.hf.hf_files import HFSource, copy_tokenizer, resolve_hf_dir, warn_missing_tokenizer
+from ders_megatron.convert.hf.keymap import KeyMapError, all_maps, check_embedding_tie
 
 HF_ASSETS = "hf"  # <checkpoint root>/hf/: tokenizer, generation config, source config
 
@@ -38,6 +38,8 @@ def read_hf_config(source):
         raise ConversionError(f"{path} is not a Hugging Face model folder (no config.json)")
     raw = json.loads((path / "config.json").read_text())
     model_type = raw.get("model_type")
+    if model_type in REFUSED_FAMILIES:
+        raise ConversionError(f"model_type {model_type!r} is not converted: {REFUSED_FAMILIES[model_type]}")
     if model_type not in IMPORT_FAMILIES:
         archs = ", ".join(raw.get("architectures") or []) or "no architectures listed"
         raise ConversionError(
@@ -51,6 +53,7 @@ def read_hf_config(source):
 def load_hf_weights(model, source, dims: ModelDims, family: str) -> None:
     """Fill every parameter of a 1-rank GPTModel from the HF folder, through the key map."""
     hf = HFSource(source)
+    check_embedding_tie(dims, hf)
     targets = {n: t for n, t in model.state_dict(keep_vars=True).items() if not n.endswith("_extra_state")}
     filled = set()
     for entry in all_maps(dims, family):
@@ -76,7 +79,8 @@ def import_hf(
     tensor_parallel_size: int = 1,
     force: bool = False,
 ) -> Path:
-    """Convert the HF model folder ``source`` into a megatron checkpoint at ``output``.
+    """Convert the HF model folder ``source`` (or a repo id in the local HF cache) into a
+    megatron checkpoint at ``output``.
 
     Returns the output root (tracker + ``release/`` + ``hf/``). Nothing is written
     unless the whole conversion succeeds.
@@ -84,6 +88,7 @@ def import_hf(
     from ders_megatron.convert.hf.megatron_model import checkpoint_args, gpt_from_dims
     from ders_megatron.io.session import single_rank_megatron
 
+    source = resolve_hf_dir(source)
     config = read_hf_config(source)
     dims = ModelDims.from_hf_config(
         config, divisible_by=make_vocab_size_divisible_by, tensor_parallel_size=tensor_parallel_size

@@ -16,6 +16,7 @@ decoder.final_layernorm.weight                       model.norm.weight          
 .input_layernorm.weight                              .input_layernorm.weight                copy
 .self_attention.linear_qkv.weight/.bias              .self_attn.{q,k,v}_proj.weight/.bias   qkv
 .self_attention.linear_proj.weight                   .self_attn.o_proj.weight               copy
+.self_attention.{q,k}_layernorm.weight [d]           .self_attn.{q,k}_norm.weight [d]       copy (Qwen3: --qk-layernorm)
 .pre_mlp_layernorm.weight                            .post_attention_layernorm.weight       copy
 dense: .mlp.linear_fc1.weight [2F, H]                .mlp.{gate,up}_proj.weight             gate_up
 dense: .mlp.linear_fc2.weight                        .mlp.down_proj.weight                  copy
@@ -28,8 +29,8 @@ shared: .mlp.shared_experts.gate_weight [1, H]       .mlp.shared_expert_gate.wei
 ders format: base, deltas, shared deltas             .mlp.base.*, .mlp.experts.<P>.*, ...   gate_up / copy
 
 ``<moe>`` is ``block_sparse_moe`` with experts ``w1`` (gate) ``w3`` (up) ``w2``
-(down) for Mixtral, ``mlp`` with ``gate_proj/up_proj/down_proj`` for Qwen2-MoE
-and ders. Fused QKV order (megatron-core ``transformer/attention.py:1828-1880``):
+(down) for Mixtral, ``mlp`` with ``gate_proj/up_proj/down_proj`` for Qwen2-MoE,
+Qwen3-MoE and ders. Fused QKV order (megatron-core ``transformer/attention.py:1828-1880``):
 per query group ``g``, the group's ``n/g`` query heads, then its key head, then
 its value head, each ``kv_channels`` rows. Gated fc1 is ``[gate; up]``
 (``transformer/mlp.py:324``: ``chunk(2)``, activation on the first half).
@@ -179,6 +180,9 @@ def attention_maps(dims: ModelDims, i: int) -> list[KeyMap]:
                _copy),
         _entry(f"{m}pre_mlp_layernorm.weight", f"{h}post_attention_layernorm.weight", [(H,)], [(H,)], _copy),
     ]
+    if dims.qk_layernorm:  # per head: [head_dim] weights (megatron and Qwen3 alike)
+        maps += [_entry(f"{m}self_attention.{p}_layernorm.weight", f"{h}self_attn.{p}_norm.weight", [(d,)], [(d,)],
+                        _copy) for p in "qk"]
     if dims.qkv_bias:
         maps.append(_entry(f"{m}self_attention.linear_qkv.bias", [f"{h}self_attn.{p}_proj.bias" for p in "qkv"],
                            [(qkv_rows,)], [(n * d,), (g * d,), (g * d,)], split, fuse))
@@ -357,6 +361,20 @@ def _merge(dims: ModelDims, i: int, global_expert: int, matrix: str, base, state
     deltas.layer = i + 1  # megatron's 1-based layer number (transformer_layer.py:440)
     deltas.load_state_dict(state)
     return deltas.merge(base, 0).contiguous()
+
+
+def check_embedding_tie(dims: ModelDims, source) -> None:
+    """Refuse a folder whose weights contradict ``tie_word_embeddings``: untied without an
+    ``lm_head.weight``, or tied with an ``lm_head.weight`` that is not the embedding.
+    ``source`` answers ``keys()`` and ``get(name)`` (:class:`~ders_megatron.convert.hf.hf_files.HFSource`)."""
+    has_head = "lm_head.weight" in source.keys()
+    if not dims.tie_embeddings and not has_head:
+        raise KeyMapError("config.json says tie_word_embeddings=false but the weights have no lm_head.weight; "
+                          "set tie_word_embeddings=true if the output layer is the embedding")
+    if dims.tie_embeddings and has_head and not torch.equal(source.get("lm_head.weight"),
+                                                            source.get("model.embed_tokens.weight")):
+        raise KeyMapError("config.json says tie_word_embeddings=true but lm_head.weight differs from "
+                          "model.embed_tokens.weight; set tie_word_embeddings=false to keep both")
 
 
 def layer_maps(dims: ModelDims, fmt: str, i: int) -> list[KeyMap]:

@@ -44,6 +44,7 @@ def transformer_config(dims: ModelDims, **overrides):
         activation_func=torch.nn.functional.silu,
         add_bias_linear=False,
         add_qkv_bias=dims.qkv_bias,
+        qk_layernorm=dims.qk_layernorm,
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
@@ -127,6 +128,7 @@ def megatron_argv(dims: ModelDims, tokenizer_model=None) -> list[str]:
     if dims.rope_scaling_factor is not None:
         flags += ["--use-rope-scaling", "--rope-scaling-factor", repr(dims.rope_scaling_factor)]
     flags += ["--add-qkv-bias"] if dims.qkv_bias else []
+    flags += ["--qk-layernorm"] if dims.qk_layernorm else []
     flags += [] if dims.tie_embeddings else ["--untie-embeddings-and-output-weights"]
     if dims.is_moe:
         flags += (

@@ -10,8 +10,12 @@ not import ders-megatron: the sparse-position derivation
 (:func:`derive_seed`, :func:`sample_unique`) and :func:`unpack_bits` are copies of
 ``ders_megatron/core/deltas.py`` and a test keeps them identical.
 
-Everything but the MoE block is Qwen2-MoE's (attention with optional q/k/v bias,
-RMSNorm, RoPE, dense MLP, router, generation), reused from transformers.
+The decoder is the one of the transformers family ``config.base_model_type``
+(Qwen2-MoE: attention with optional q/k/v bias; Qwen3-MoE: per-head QK-norm), built
+by transformers itself (its ``...Model`` class: embeddings, attention, norms, RoPE,
+dense MLPs, masks, cache); only the expert computation of each MoE layer is DeRS
+(:class:`DeRSMoEBlock`, with the family's own router and shared-expert MLP classes).
+So a new attention or norm variant of a family comes from transformers, not from a copy.
 
 Checkpoint keys of one MoE layer (``E`` experts, ``F`` moe_intermediate_size,
 ``H`` hidden_size, ``R`` rank, ``K`` kept values, ``P`` in gate_proj/up_proj/down_proj):
@@ -30,32 +34,30 @@ Checkpoint keys of one MoE layer (``E`` experts, ``F`` moe_intermediate_size,
 """
 
 
+import contextlib
 import hashlib
+import importlib
 
 import numpy as np
 import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.models.qwen2_moe.modeling_qwen2_moe import (
-    Qwen2MoeAttention,
-    Qwen2MoeDecoderLayer,
-    Qwen2MoeForCausalLM,
-    Qwen2MoeMLP,
-    Qwen2MoeModel,
-    Qwen2MoePreTrainedModel,
-    Qwen2MoeRMSNorm,
-    Qwen2MoeRotaryEmbedding,
-    Qwen2MoeTopKRouter,
-)
+from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeForCausalLM, Qwen2MoePreTrainedModel
 
 from .configuration_ders_moe import DeRSMoEConfig
 
-try:  # where transformers 5.24 keeps it; records router logits for output_router_logits
-    from transformers.utils.output_capturing import OutputRecorder
-except ImportError:  # pragma: no cover - other 5.x releases
-    OutputRecorder = None
+# base_model_type -> (transformers module, class-name prefix) of the family's decoder.
+FAMILIES = {
+    "qwen2_moe": ("transformers.models.qwen2_moe.modeling_qwen2_moe", "Qwen2Moe"),
+    "qwen3_moe": ("transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3Moe"),
+}
+
+
+def family_class(config, suffix: str):
+    """The family's own class ``<Prefix><suffix>`` (``Model``, ``TopKRouter``, ``MLP``)."""
+    module, prefix = FAMILIES[config.base_model_type]
+    return getattr(importlib.import_module(module), prefix + suffix)
 
 # HF projection name -> the matrix name ders-megatron derives sparse seeds from.
 MATRIX_SEED_NAMES = {"gate_proj": "fc1_gate", "up_proj": "fc1_up", "down_proj": "fc2"}
@@ -211,12 +213,14 @@ class DeRSMoEBlock(nn.Module):
         super().__init__()
         self.num_experts = config.num_experts
         self.act_fn = ACT2FN[config.hidden_act]
-        self.gate = Qwen2MoeTopKRouter(config)
+        self.gate = family_class(config, "TopKRouter")(config)  # the family's router (and its recorder)
         self.base = DeRSBaseFFN(config.hidden_size, config.moe_intermediate_size)
         self.experts = _delta_set(config, config.num_experts, layer_idx + 1, 0)
         self.shared_expert_kind = config.shared_expert_kind
         if self.shared_expert_kind == "full":
-            self.shared_expert = Qwen2MoeMLP(config, intermediate_size=config.shared_expert_intermediate_size)
+            self.shared_expert = family_class(config, "MLP")(
+                config, intermediate_size=config.shared_expert_intermediate_size
+            )
         elif self.shared_expert_kind == "ders":
             # The shared expert's seeds use the global expert id num_experts.
             self.shared_expert_deltas = _delta_set(config, 1, layer_idx + 1, config.num_experts)
@@ -259,10 +263,10 @@ class DeRSMoEBlock(nn.Module):
 
 
 # --------------------------------------------------------------------------- #
-# Decoder: Qwen2-MoE's, with the DeRS MoE block.
+# Decoder: the family's own, with DeRS MoE blocks.
 # --------------------------------------------------------------------------- #
 def is_moe_layer(config, layer_idx: int) -> bool:
-    """Qwen2-MoE's rule (``Qwen2MoeDecoderLayer.__init__``)."""
+    """The rule of Qwen2-MoE and Qwen3-MoE (``Qwen2MoeDecoderLayer.__init__``)."""
     return (
         layer_idx not in config.mlp_only_layers
         and config.num_experts > 0
@@ -270,28 +274,33 @@ def is_moe_layer(config, layer_idx: int) -> bool:
     )
 
 
-class DeRSMoEDecoderLayer(Qwen2MoeDecoderLayer):
-    def __init__(self, config: DeRSMoEConfig, layer_idx: int):
-        GradientCheckpointingLayer.__init__(self)  # Qwen2MoeDecoderLayer.__init__ builds full experts
-        self.self_attn = Qwen2MoeAttention(config, layer_idx)
+@contextlib.contextmanager
+def _dense_layers_only(config):
+    """While the family builds its decoder, every layer is dense: its full experts (E times
+    a FFN per layer) are never allocated only to be replaced."""
+    saved = list(config.mlp_only_layers)
+    config.mlp_only_layers = list(range(config.num_hidden_layers))
+    try:
+        yield
+    finally:
+        config.mlp_only_layers = saved
+
+
+def build_decoder(config: DeRSMoEConfig) -> nn.Module:
+    """The family's ``...Model`` (transformers' own class, on this very config) with each
+    MoE layer's MLP replaced by a :class:`DeRSMoEBlock`."""
+    with _dense_layers_only(config):
+        decoder = family_class(config, "Model")(config)
+    for layer_idx, layer in enumerate(decoder.layers):
         if is_moe_layer(config, layer_idx):
-            self.mlp = DeRSMoEBlock(config, layer_idx)
-        else:
-            self.mlp = Qwen2MoeMLP(config, intermediate_size=config.intermediate_size)
-        self.input_layernorm = Qwen2MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = Qwen2MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.hidden_size = config.hidden_size
+            layer.mlp = DeRSMoEBlock(config, layer_idx)
+    return decoder
 
 
 class DeRSMoEPreTrainedModel(Qwen2MoePreTrainedModel):
     config_class = DeRSMoEConfig
     config: DeRSMoEConfig
-    _no_split_modules = ["DeRSMoEDecoderLayer"]
-    _can_record_outputs = {
-        "hidden_states": DeRSMoEDecoderLayer,
-        "attentions": Qwen2MoeAttention,
-        **({"router_logits": OutputRecorder(Qwen2MoeTopKRouter, index=0)} if OutputRecorder else {}),
-    }
+    _no_split_modules = ["Qwen2MoeDecoderLayer", "Qwen3MoeDecoderLayer"]
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -300,25 +309,13 @@ class DeRSMoEPreTrainedModel(Qwen2MoePreTrainedModel):
                 init.zeros_(param)
 
 
-class DeRSMoEModel(DeRSMoEPreTrainedModel, Qwen2MoeModel):
-    def __init__(self, config: DeRSMoEConfig):
-        DeRSMoEPreTrainedModel.__init__(self, config)
-        self.padding_idx = config.pad_token_id
-        self.vocab_size = config.vocab_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = nn.ModuleList(
-            [DeRSMoEDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
-        )
-        self.norm = Qwen2MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = Qwen2MoeRotaryEmbedding(config=config)
-        self.gradient_checkpointing = False
-        self.post_init()
-
-
 class DeRSMoEForCausalLM(DeRSMoEPreTrainedModel, Qwen2MoeForCausalLM):
+    """Causal LM head over :func:`build_decoder`. The head's forward (logits, loss, router
+    aux loss) is Qwen2-MoE's, the same computation as Qwen3-MoE's."""
+
     def __init__(self, config: DeRSMoEConfig):
         DeRSMoEPreTrainedModel.__init__(self, config)
-        self.model = DeRSMoEModel(config)
+        self.model = build_decoder(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.router_aux_loss_coef = config.router_aux_loss_coef
@@ -327,4 +324,4 @@ class DeRSMoEForCausalLM(DeRSMoEPreTrainedModel, Qwen2MoeForCausalLM):
         self.post_init()
 
 
-__all__ = ["DeRSMoEForCausalLM", "DeRSMoEModel", "DeRSMoEPreTrainedModel"]
+__all__ = ["DeRSMoEForCausalLM", "DeRSMoEPreTrainedModel"]
