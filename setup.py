@@ -50,7 +50,7 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "test": ["pytest", "pytest-timeout", "import-linter"],
-        "hf": ["transformers>=5,<6", "tokenizers", "gguf"],
+        "hf": ["transformers>=5,<6", "tokenizers", "gguf", "peft>=0.17"],  # peft: LoRA target_parameters
         "plot": ["matplotlib"],
         "deepspeed": ["deepspeed>=0.19,<0.20"],
         # GPU only: Transformer Engine builds/loads against CUDA; never installed by ./test.sh.

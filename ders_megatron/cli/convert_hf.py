@@ -6,6 +6,8 @@
                          --format {mixtral,qwen2_moe,qwen3_moe,ders,llama,mistral,qwen2,qwen3}
                          [--tokenizer DIR] [--max-shard-size 5GB] [--dtype ...] [--force]
                          [--trust-checkpoint]
+    convert_hf.py adapter --checkpoint CKPT --output DIR [--format {mixtral,qwen2_moe,qwen3_moe}]
+                          [--dtype ...] [--force] [--trust-checkpoint]
 
 Bad input (unknown or refused architecture -- OLMoE, DeepSeek MLA --, sliding
 windows, an embedding tie the weights contradict, unknown format, a checkpoint
@@ -55,6 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_trust_flag(exp)
     add_debug_flag(exp)
+
+    ada = sub.add_parser("adapter", help="DeRS-LM checkpoint -> PEFT LoRA adapter (DIR/adapter) over the upcycled "
+                         "base (DIR/base, every expert = the dense FFN)")
+    ada.add_argument("--checkpoint", required=True, help="Megatron DeRS-LM checkpoint root (--moe-ders lowrank)")
+    ada.add_argument("--output", required=True, help="folder to write: base/ (transformers MoE) and adapter/ (PEFT)")
+    ada.add_argument("--format", default=None, help="the base's family: mixtral, qwen2_moe or qwen3_moe (default: "
+                     "qwen3_moe with QK-norm, qwen2_moe with a shared expert, else mixtral)")
+    ada.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                     help="dtype of the written weights (default: the checkpoint's)")
+    ada.add_argument("--force", action="store_true", help="replace an existing --output")
+    ada.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_trust_flag(ada)
+    add_debug_flag(ada)
     return parser
 
 
@@ -69,6 +84,12 @@ def run(args: argparse.Namespace):
             tensor_parallel_size=args.tensor_model_parallel_size,
             force=args.force,
         )
+    if args.command == "adapter":
+        from ders_megatron.convert.hf.peft_adapter import export_peft
+
+        with trust_checkpoints(args.trust_checkpoint):
+            return export_peft(args.checkpoint, args.output, fmt=args.format, dtype=args.dtype, force=args.force,
+                               progress=not args.no_progress)
     from ders_megatron.convert.hf.exporter import export_hf
 
     with trust_checkpoints(args.trust_checkpoint):

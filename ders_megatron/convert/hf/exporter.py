@@ -81,7 +81,22 @@ def _token_ids(folder: Path | None) -> dict:
     return ids
 
 
-def _write(maps, reader: CheckpointReader, writer: ShardedSafetensorsWriter, dtype) -> None:
+class ZeroDeltaReader:
+    """A reader whose DeRS deltas all read as zeros: the upcycled base, every expert = W_base
+    (what a PEFT adapter is applied to, :mod:`ders_megatron.convert.hf.peft_adapter`)."""
+
+    def __init__(self, reader: CheckpointReader):
+        self.reader = reader
+
+    def files_of(self, names):
+        return self.reader.files_of(names)
+
+    def read(self, names) -> dict:
+        tensors = self.reader.read(names)
+        return {n: torch.zeros_like(t) if ".deltas." in n and t.is_floating_point() else t for n, t in tensors.items()}
+
+
+def _write(maps, reader, writer: ShardedSafetensorsWriter, dtype) -> None:
     """Each HF tensor of ``maps``, in the output dtype, checked for NaN/Inf as it is
     written (a source's bad value, or a value the dtype cannot hold: fp16 overflows
     at 65504), naming the megatron tensors and files it came from."""
@@ -106,8 +121,10 @@ def export_hf(
     dtype: str | None = None,
     force: bool = False,
     progress: bool = True,
+    zero_deltas: bool = False,
 ) -> Path:
-    """Write the megatron checkpoint at ``checkpoint`` as an HF folder ``output`` in ``fmt``."""
+    """Write the megatron checkpoint at ``checkpoint`` as an HF folder ``output`` in ``fmt``
+    (``zero_deltas``: the upcycled base, every DeRS delta read as zero)."""
     if fmt not in EXPORT_FORMATS:
         raise ConversionError(f"unknown --format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
     if dtype is not None and dtype not in DTYPES:
@@ -116,6 +133,8 @@ def export_hf(
     reader = CheckpointReader(checkpoint)
     dims = ModelDims.from_args(reader.args)
     dims.check_format(fmt)
+    if zero_deltas and fmt == "ders":
+        raise ConversionError("zero deltas in --format ders would be the base with empty deltas; use an MoE format")
     if Path(output).exists() and not force:
         raise CheckpointError(f"{output} exists; pass --force to overwrite it")
     out_dtype = DTYPES[dtype] if dtype else reader.metadata["embedding.word_embeddings.weight"].properties.dtype
@@ -123,6 +142,8 @@ def export_hf(
     token_ids = _token_ids(source)
     config = dims.hf_config(fmt, token_ids, dtype=str(out_dtype).removeprefix("torch."),
                             ders_matrices=hf_delta_specs(dims) if fmt == "ders" else None)
+    if zero_deltas:
+        reader = ZeroDeltaReader(reader)
     with atomic_output_dir(output, force=force) as tmp:
         writer = ShardedSafetensorsWriter(tmp, shard_bytes)
         _write(global_maps(dims), reader, writer, out_dtype)
