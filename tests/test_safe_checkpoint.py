@@ -141,6 +141,8 @@ TOOLS = {
         "--load", c["vanilla"], "--save", out, "--moe-ders-codecs", "dare:0.9", "--base", "dense", "--dense", c["dense"]]),
     "convert_hf export": ("convert_hf", "lowrank", lambda c, out: [
         "export", "--checkpoint", c["lowrank"], "--output", out, "--format", "ders", "--no-progress"]),
+    "convert_hf adapter": ("convert_hf", "lowrank", lambda c, out: [
+        "adapter", "--checkpoint", c["lowrank"], "--output", out, "--no-progress"]),
     "analyze similarity --load": ("analyze", "vanilla", lambda c, out: [
         "similarity", "--load", c["vanilla"], "--dense", c["dense"], "--out", f"{out}.png"]),
     "analyze similarity --dense": ("analyze", "dense", lambda c, out: [
