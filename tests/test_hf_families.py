@@ -162,3 +162,30 @@ def test_import_by_repo_id_reads_the_cached_snapshot(tmp_path, monkeypatch):
     snapshot.mkdir(parents=True)
     (snapshot / "config.json").write_text(json.dumps({"model_type": "deepseek_v3"}))
     _refused(tmp_path, "org/deepseek", "'deepseek_v3' is not converted")
+
+
+def _import(source, out):
+    from ders_megatron.convert.hf.importer import import_hf
+    from ders_megatron.testing.distributed import model_parallel
+
+    with model_parallel():
+        import_hf(source, out, make_vocab_size_divisible_by=32, tensor_parallel_size=2)
+
+
+def _logits_at_tp2(root, ids):
+    from ders_megatron.testing.hf import checkpoint_logits
+
+    return checkpoint_logits(root, ids, layout=dict(tp=2))
+
+
+def test_qwen3_moe_qk_norm_runs_at_tp2_with_sequence_parallelism(dist1, dist2, tmp_path):
+    """QK-norm under TP=2 + SP (MoE with TP needs SP): each rank normalizes its own heads with
+    the replicated per-head weight; the logits are the HF model's."""
+    from ders_megatron.testing.hf import hf_logits, tokens
+
+    model = save_tiny_hf("qwen3_moe", tmp_path / "hf")
+    dist1.run(_import, str(tmp_path / "hf"), str(tmp_path / "megatron"))
+    ids = tokens()
+    # TP splits the attention/MLP sums over 2 ranks: ulps of O(1) logits (as test_hf_import).
+    for logits in dist2.run(_logits_at_tp2, str(tmp_path / "megatron"), ids):
+        torch.testing.assert_close(logits, hf_logits(model, ids), atol=1e-5, rtol=1e-5)

@@ -31,6 +31,26 @@ def test_cpu_mode_is_a_function_and_idempotent():
     assert result.stdout.split()[-2:] == expected.split()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU runtime is off where CUDA is present")
+def test_cpu_runtime_says_no_cuda_under_nvml_based_check():
+    """accelerate (a peft dependency) sets PYTORCH_NVML_BASED_CUDA_CHECK=1 in os.environ on import;
+    torch then answers is_available() from device_count(), which the runtime patches to 1: the
+    test ranks spawned afterwards picked nccl and failed ("ProcessGroupNCCL is only supported with
+    GPUs")."""
+    import os
+
+    code = (
+        "import torch\n"
+        "from ders_megatron.layers.runtime import distributed_backend, enable_cpu_runtime\n"
+        "enable_cpu_runtime()\n"
+        "print(torch.cuda.is_available(), distributed_backend())\n"
+    )
+    env = dict(os.environ, PYTORCH_NVML_BASED_CUDA_CHECK="1")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "gloo"]
+
+
 def test_collective_tensors_live_where_the_backend_reduces(monkeypatch):
     """NCCL reduces CUDA tensors only: every GPU launch crashed at model build when the
     parameter census all-reduced a CPU tensor (issue 16). The census builds its tensor on

@@ -225,6 +225,10 @@ def _set_device(device):
     return None
 
 
+def _cuda_unavailable():
+    return False
+
+
 def _memory_zero(*args, **kwargs):
     return 0
 
@@ -253,6 +257,12 @@ def _patch_torch_cuda() -> None:
     cuda.manual_seed = _manual_seed
     # training/initialize.py:358,447 skip model-parallel init when device_count() == 0
     cuda.device_count = _device_count
+    # ...but with PYTORCH_NVML_BASED_CUDA_CHECK=1 (accelerate sets it in os.environ on import,
+    # and spawned ranks inherit it) torch.cuda.is_available() answers device_count() > 0
+    # (torch/cuda/__init__.py:219-223), which the line above makes True on a machine without
+    # CUDA: ranks then pick nccl (distributed_backend) and fail. The runtime is only on where
+    # CUDA is absent, so the answer is False.
+    cuda.is_available = _cuda_unavailable
     # training/initialize.py:282 selects the local device once device_count() > 0
     cuda.set_device = _set_device
     # memory reports in training/utils.py and our own logs

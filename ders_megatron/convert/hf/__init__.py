@@ -1,10 +1,13 @@
 """Hugging Face import and export for ders-megatron.
 
-* :func:`import_hf`: a Llama / Mistral / Qwen2 (dense) or Mixtral / Qwen2-MoE folder
-  -> a megatron-core checkpoint (megatron.training layout, any TP/EP/PP on load).
+* :func:`import_hf`: a Llama / Mistral / Qwen2 / Qwen3 (dense) or Mixtral / Qwen2-MoE /
+  Qwen3-MoE folder (or a repo id in the local HF cache) -> a megatron-core checkpoint
+  (megatron.training layout, any TP/EP/PP on load).
 * :func:`export_hf`: a megatron-core checkpoint (vanilla or DeRS MoE, or dense)
-  -> ``mixtral`` / ``qwen2_moe`` with synthesized experts, the compact ``ders``
-  format, or ``llama`` / ``qwen2``.
+  -> ``mixtral`` / ``qwen2_moe`` / ``qwen3_moe`` with synthesized experts, the compact
+  ``ders`` format, or ``llama`` / ``mistral`` / ``qwen2`` / ``qwen3``.
+* :mod:`~ders_megatron.convert.hf.peft_adapter`: DeRS-LM deltas as a PEFT LoRA adapter
+  over the upcycled base.
 
 Importing this package registers the compact format (``model_type = "ders_moe"``)
 with ``AutoConfig`` and ``AutoModelForCausalLM``; exports also carry the modeling
