@@ -416,3 +416,69 @@ def te_equals_local():
         outs = [layer(x)[0] for layer in layers]
     # TF32/cuBLAS vs TE GEMMs on the same fp32 weights: 1e-3 relative.
     torch.testing.assert_close(outs[1], outs[0], atol=1e-3, rtol=1e-3)
+
+
+# --------------------------------------------------------------------------- #
+# Launch count: the low-rank kernel's ops do not grow with the number of experts.
+# --------------------------------------------------------------------------- #
+def count_layer_ops(impl, num_experts, tokens=64, topk=2, tile=16):
+    """aten ops (each one kernel launch on GPU) of one forward + backward, by op: the fused
+    layer whole (router included), or the drop-in experts on dispatched rows (megatron's
+    token dispatcher, which is not ours, left out).
+
+    Counted with a ``TorchDispatchMode`` around the second step (the first builds
+    lazily cached state). Tokens, top-k and tile are fixed, so the kernel's tiles are
+    too; only the experts (and so the ways the pairs spread over them) change.
+    """
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ders_megatron.layers.specs import ders_moe_spec
+    from ders_megatron.testing.distributed import model_parallel
+    from ders_megatron.testing.models import tiny_config
+    from ders_megatron.testing.reference import randomize_deltas
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[str(func.overloadpacket)] += 1
+            return func(*args, **(kwargs or {}))
+
+    with model_parallel():
+        config = tiny_config(num_moe_experts=num_experts, moe_router_topk=topk)
+        ders = DeRSConfig(delta=LowRankDeltaConfig(rank=4, alpha=8.0), impl=impl, kernel_tile=tile)
+        layer = ders_moe_spec(ders)(config=config)
+        layer.set_layer_number(1)
+        randomize_deltas(layer)
+        assert layer.experts.uses_lowrank_kernel()
+        gen = torch.Generator().manual_seed(0)
+        if impl == "fused":
+            x = torch.randn(tokens // 2, 2, config.hidden_size, generator=gen).requires_grad_(True)
+            inputs = (x,)
+        else:  # the rows megatron's dispatcher hands the experts: grouped by expert, one probability each
+            experts_of_pairs = torch.randint(num_experts, (tokens * topk,), generator=gen)
+            rows = torch.randn(tokens * topk, config.hidden_size, generator=gen).requires_grad_(True)
+            inputs = (rows, torch.bincount(experts_of_pairs, minlength=num_experts), torch.rand(tokens * topk))
+            layer = layer.experts
+        for _ in range(2):
+            counter = CountOps()
+            with counter:
+                layer(*inputs)[0].sum().backward()
+    return dict(counter.ops)
+
+
+@pytest.mark.parametrize("impl", ["fused", "dropin"])
+def test_kernel_ops_do_not_grow_with_experts(dist1, impl):
+    """Defect 6 of issue 16: a Python loop over (slot, expert) segments made ~30 kernels per
+    expert per layer (16k at 64 experts top-8 on GPU). With grouped GEMMs over fixed tiles
+    the count at 64 experts equals the count at 8 (64 tokens top-2, so every expert of
+    the 8 and most of the 64 receive pairs)."""
+    ops8, ops64 = (dist1.run(count_layer_ops, impl, e)[0] for e in (8, 64))
+    total8, total64 = sum(ops8.values()), sum(ops64.values())
+    assert total64 <= total8, f"{impl}: {total8} ops at 8 experts, {total64} at 64: " + str(
+        {op: (ops8.get(op, 0), n) for op, n in ops64.items() if n > ops8.get(op, 0)})
+    assert ops64.get("aten._grouped_mm", 0) > 0, f"the kernel ran no grouped GEMM: {ops64}"

@@ -30,6 +30,7 @@ Two forms of the delta terms:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -83,23 +84,27 @@ def routed_slots(probs_TE: torch.Tensor, routing_map_TE: torch.Tensor, topk: int
 class PairOrder:
     """The (token, slot) pairs in an order that groups them by expert.
 
-    Sort key (slot, expert): the slot-0 segments hold every token exactly once,
-    so the kernel writes a token's row there and adds to it in later segments.
-    ``segments`` are the non-empty runs (expert, start, stop, first).
+    Sort key (slot, expert): each slot's pairs form one block of ``P / slots``
+    rows (the slot-0 block holds every token exactly once, so the kernel writes a
+    token's row there and adds to it in later blocks), sorted by expert inside.
+    ``counts_SE`` stays on the pairs' device: the low-rank kernel turns it into
+    grouped-GEMM offsets without a host sync. ``segments``, the non-empty runs
+    (expert, start, stop, first) as Python ints, is built on first use (one
+    device-to-host copy) for the paths that loop over experts.
     """
 
     order_P: torch.Tensor  # pair id (t·k + s) of each sorted pair
     token_P: torch.Tensor  # its token
     expert_P: torch.Tensor  # its expert
-    segments: list[tuple[int, int, int, bool]]
+    counts_SE: torch.Tensor  # [slots, E] pairs per (slot, expert)
 
     @classmethod
     def grouped(cls, expert_Q, slot_Q, token_Q, num_experts: int, slots: int = 1) -> "PairOrder":
         """From pairs in their natural order (pair id q): expert, slot and token of each."""
         key = slot_Q * num_experts + expert_Q
         order = key.argsort(stable=True)
-        counts = torch.bincount(key, minlength=slots * num_experts).tolist()
-        return cls(order, token_Q[order], expert_Q[order], _segments(counts, num_experts))
+        counts = torch.bincount(key, minlength=slots * num_experts).view(slots, num_experts)
+        return cls(order, token_Q[order], expert_Q[order], counts)
 
     @classmethod
     def by_expert(cls, idx_Tk: torch.Tensor, num_experts: int) -> "PairOrder":
@@ -115,11 +120,18 @@ class PairOrder:
 
     @classmethod
     def rows(cls, tokens_per_expert: torch.Tensor, device) -> "PairOrder":
-        """Rows grouped by expert (a token dispatcher's output): each row one pair, one slot."""
-        counts = tokens_per_expert.to(device)
-        experts = torch.repeat_interleave(torch.arange(len(counts), device=device), counts)
+        """Rows grouped by expert (a token dispatcher's output): each row one pair, one slot.
+
+        The expert of each row is expanded where the counts live (a CPU tensor by the
+        experts contract, so no host sync on CUDA) and then copied to ``device``."""
+        counts = tokens_per_expert
+        experts = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts).to(device)
         q = torch.arange(experts.numel(), device=device)
         return cls.grouped(experts, torch.zeros_like(q), q, len(counts))
+
+    @cached_property
+    def segments(self) -> list[tuple[int, int, int, bool]]:
+        return _segments(self.counts_SE.flatten().tolist(), self.counts_SE.shape[1])
 
     def counts_per_expert(self, num_experts: int) -> list[int]:
         counts = [0] * num_experts
@@ -168,6 +180,7 @@ def lowrank_swiglu_applies(experts) -> bool:
         and config.activation_func is F.silu
         and config.activation_func_clamp_value is None
         and not config.glu_linear_offset
+        and grouped_gemm_fits(experts.linear_fc2.weight.shape[1], experts.linear_fc2.weight.dtype)
     )
 
 
@@ -199,7 +212,9 @@ def lowrank_swiglu_compute(experts, x_TH, pairs: PairOrder, p_Tk, tile: int) -> 
     fc1: ``a = s·[A_gate; A_up] x`` for every expert at once ([T, 2, E, R], one GEMM),
     each pair picks its expert's 2R values. fc2: the kernel returns ``v = A2_e h``
     per pair; ``p·s·v`` is scattered into a [T, E·R] matrix (one-hot on the R side)
-    and ONE GEMM against the concatenated B2 gives Σ_s p_s Δ2_e h_s.
+    and ONE GEMM against the concatenated B2 gives Σ_s p_s Δ2_e h_s. The rank goes
+    into the kernel zero-padded to :func:`aligned_rank` (grouped GEMM operands need
+    16-byte rows); the padding contributes exact zeros and its gradients are dropped.
     """
     deltas = experts.deltas
     gate, up, fc2 = deltas["fc1_gate"], deltas["fc1_up"], deltas["fc2"]
@@ -208,20 +223,23 @@ def lowrank_swiglu_compute(experts, x_TH, pairs: PairOrder, p_Tk, tile: int) -> 
     E, R, H = gate.lora_A.shape
     T = x_TH.shape[0]
     scale = gate.scale
-    longest = max((stop - start for _, start, stop, _ in pairs.segments), default=1)
-    tile = max(1, min(tile, longest))  # no scratch larger than the longest segment
 
     base_T2F, fc1_bias = experts.linear_fc1(x_TH)  # base fc1 once per token
     if fc1_bias is not None:
         base_T2F = base_T2F + fc1_bias
+    Rp = aligned_rank(R, base_T2F.dtype)
     a_T2ER = x_TH @ torch.cat([gate.lora_A.reshape(E * R, H), up.lora_A.reshape(E * R, H)]).t()
-    a_P2R = a_T2ER.view(T, 2, E, R)[pairs.token_P, :, pairs.expert_P].reshape(-1, 2 * R) * scale
+    a_P2R = a_T2ER.view(T, 2, E, R)[pairs.token_P, :, pairs.expert_P] * scale  # [P, 2, R]
+    a_P2R = _pad_rank(a_P2R, Rp, dim=2).reshape(-1, 2 * Rp)
     p_P = p_Tk.flatten()[pairs.order_P]
     hbar_TF, v_PR = _LowRankSwiGLU.apply(
         base_T2F, a_P2R,
-        gate.lora_B[:, rows or slice(None)].transpose(1, 2), up.lora_B[:, rows or slice(None)].transpose(1, 2),
-        fc2.lora_A[:, :, cols or slice(None)], p_P, pairs.token_P, pairs.segments, tile,
+        _pad_rank(gate.lora_B[:, rows or slice(None)].transpose(1, 2), Rp, dim=1),  # [E, R, F]
+        _pad_rank(up.lora_B[:, rows or slice(None)].transpose(1, 2), Rp, dim=1),
+        _pad_rank(fc2.lora_A[:, :, cols or slice(None)], Rp, dim=1),
+        p_P, pairs.token_P, _kernel_tiles(pairs, tile),
     )
+    v_PR = v_PR[:, :R]
     out_TH, fc2_bias = experts.linear_fc2(hbar_TF)  # base fc2 once per token, on Σ_s p_s h_s
     pv_PR = v_PR * (p_P * scale).unsqueeze(1).to(v_PR.dtype)
     z_TER = v_PR.new_zeros(T, E, R).index_put((pairs.token_P, pairs.expert_P), pv_PR)  # (token, expert) unique
@@ -231,46 +249,113 @@ def lowrank_swiglu_compute(experts, x_TH, pairs: PairOrder, p_Tk, tile: int) -> 
     return out_TH
 
 
+def aligned_rank(rank: int, dtype: torch.dtype) -> int:
+    """The rank rounded up to 16-byte rows of ``dtype``: grouped GEMM operands need them
+    (``torch.nn.functional.grouped_mm`` refuses other strides on CPU and CUDA)."""
+    per_row = 16 // torch.empty((), dtype=dtype).element_size()
+    return -(-rank // per_row) * per_row
+
+
+def grouped_gemm_fits(ffn_columns: int, dtype: torch.dtype) -> bool:
+    """Whether ``[rows, F]`` operands have 16-byte rows, which the kernel's grouped GEMMs need."""
+    return ffn_columns * torch.empty((), dtype=dtype).element_size() % 16 == 0
+
+
+def _pad_rank(t: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
+    """``t`` zero-padded to ``rank`` along ``dim`` (autograd slices the gradient back)."""
+    missing = rank - t.shape[dim]
+    if not missing:
+        return t
+    pad = [0, 0] * (t.dim() - 1 - dim) + [0, missing]
+    return F.pad(t, pad)
+
+
+@dataclass(frozen=True)
+class KernelTile:
+    """A tile of the kernel: consecutive pairs of one slot (so at most one per token)."""
+
+    pairs: slice  # its rows of the sorted pairs
+    token_n: torch.Tensor  # their tokens
+    offsets_E: torch.Tensor  # int32 [E]: end of each expert's rows within the tile (grouped GEMM offsets)
+    first: bool  # slot 0: every token's row of the outputs is written here, then added to
+
+
+def _kernel_tiles(pairs: PairOrder, tile: int) -> list[KernelTile]:
+    """Each slot's block of pairs cut into tiles of ``tile`` rows, whatever the experts.
+
+    The number of tiles is ``slots · ceil(P / slots / tile)`` and every tile's
+    expert boundaries come from one device computation on ``counts_SE`` (no host
+    sync, no per-expert work): a tile spans as many experts as its rows hold.
+    """
+    slots, _ = pairs.counts_SE.shape
+    per_slot = pairs.order_P.numel() // slots
+    tile = max(1, min(tile, per_slot))
+    starts = range(0, per_slot, tile)
+    if not starts:
+        return []
+    device = pairs.counts_SE.device
+    lo_J = torch.arange(0, per_slot, tile, device=device)
+    rows_J = (per_slot - lo_J).clamp(max=tile)
+    ends_SE = pairs.counts_SE.cumsum(1)  # each expert's end within its slot's block
+    offsets_SJE = torch.minimum((ends_SE[:, None, :] - lo_J[None, :, None]).clamp(min=0), rows_J[None, :, None])
+    offsets_SJE = offsets_SJE.to(torch.int32)
+    tiles = []
+    for s in range(slots):
+        for j, lo in enumerate(starts):
+            rows = slice(s * per_slot + lo, s * per_slot + min(lo + tile, per_slot))
+            tiles.append(KernelTile(rows, pairs.token_P[rows], offsets_SJE[s, j], s == 0))
+    return tiles
+
+
+def _gmm(a: torch.Tensor, b: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """Grouped GEMM over a tile's expert groups: [n, K] x [E, K, N] -> [n, N] (group e's
+    rows times b[e]) or [K, n] x [n, N] -> [E, K, N] (each group's product)."""
+    return F.grouped_mm(a, b, offs=offsets_E)
+
+
 class _LowRankSwiGLU(torch.autograd.Function):
     """From the shared fc1 output to fc2's input, for DeRS-LM SwiGLU experts.
 
     forward(base [T, 2F], a [P, 2R] (scaled, per pair), b1g, b1u, a2 [E, R, F], p [P],
-    token [P], segments, tile) -> (hbar [T, F] = Σ_pairs p·h, v [P, R] = A2_e h)
+    token [P], tiles) -> (hbar [T, F] = Σ_pairs p·h, v [P, R] = A2_e h)
 
-    with pairs in :class:`PairOrder` segments and, per pair of expert e,
+    with pairs in :class:`PairOrder` order and, per pair of expert e,
     ``g = base_g[token] + a_g B1g_e``, ``u`` likewise (B1 passed transposed, [R, F]),
-    ``h = silu(g)·u``. Pairs go tile by tile (a tile's scratch stays in cache, no
-    [T·k, F] tensor is kept); the backward recomputes g, u, h instead of saving
-    them, so the layer saves what a dense SwiGLU MLP saves (fc1 output, fc2 input)
-    plus O(T·k·R). A token's rows of hbar and d(base) are written by its slot-0 pair
-    and added to by the others (no zero fill).
+    ``h = silu(g)·u``. Pairs go tile by tile (:func:`_kernel_tiles`): a tile's
+    scratch stays in cache and no [T·k, F] tensor is kept; the backward recomputes
+    g, u, h instead of saving them, so the layer saves what a dense SwiGLU MLP saves
+    (fc1 output, fc2 input) plus O(T·k·R). A token's rows of hbar and d(base) are
+    written by its slot-0 pair and added to by the others (no zero fill).
 
-    CPU notes, measured (docs/benchmarks.md): elementwise ops and row scatters run
-    several times slower on strided views, so g, u, h live in separate contiguous
-    tiles; skinny products put the rank on the row side ([R, n] @ [n, F]), 3-5x
-    faster in MKL than [F, n] @ [n, R].
+    Every per-expert product of a tile is ONE grouped GEMM (``grouped_mm`` with the
+    tile's expert offsets), so the ops per tile, and per layer, do not depend on
+    the number of experts (tests/test_fused.py::test_kernel_ops_do_not_grow_with_experts):
+    about 12 ops a tile forward and 22 backward. Element-wise work stays in
+    contiguous tiles (elementwise ops and row scatters run several times slower on
+    strided views on CPU, docs/benchmarks.md).
     """
 
     @staticmethod
-    def forward(ctx, base_T2F, a_P2R, b1g_ERF, b1u_ERF, a2_ERF, p_P, token_P, segments, tile):
+    def forward(ctx, base_T2F, a_P2R, b1g_ERF, b1u_ERF, a2_ERF, p_P, token_P, tiles):
         base_T2F = base_T2F.contiguous()
         b1g_ERF, b1u_ERF, a2_ERF = b1g_ERF.contiguous(), b1u_ERF.contiguous(), a2_ERF.contiguous()
         R, F_ = a2_ERF.shape[1:]
         p_P1 = p_P.detach().unsqueeze(1).to(base_T2F.dtype)
         hbar_TF = base_T2F.new_empty(base_T2F.shape[0], F_)
         v_PR = base_T2F.new_empty(p_P.shape[0], R)
-        plan = _plan(segments, token_P, tile)
-        g_, u_, h_ = _scratch(base_T2F, tile, F_, 3)
-        for e, c, tok, first in plan:
-            n = c.stop - c.start
+        longest = max((t.token_n.shape[0] for t in tiles), default=0)
+        g_, u_, h_ = _scratch(base_T2F, longest, F_, 3)
+        a2_EFR = a2_ERF.transpose(1, 2)
+        for t in tiles:
+            n = t.token_n.shape[0]
             g, u, h = g_[:n], u_[:n], h_[:n]
-            _gate_up(base_T2F, tok, a_P2R[c], b1g_ERF[e], b1u_ERF[e], g, u)
+            _gate_up_grouped(base_T2F, t, a_P2R[t.pairs], b1g_ERF, b1u_ERF, g, u)
             torch._C._nn.silu(g, out=h)
             h.mul_(u)
-            v_PR[c] = torch.mm(a2_ERF[e], h.t()).t()  # [R, n] product: the fast layout
-            _write_rows(hbar_TF, tok, h.mul_(p_P1[c]), first)
+            v_PR[t.pairs] = _gmm(h, a2_EFR, t.offsets_E)  # v = A2_e h
+            _write_rows(hbar_TF, t.token_n, h.mul_(p_P1[t.pairs]), t.first)
         ctx.save_for_backward(base_T2F, a_P2R, b1g_ERF, b1u_ERF, a2_ERF, p_P1)
-        ctx.plan, ctx.tile, ctx.p_dtype = plan, tile, p_P.dtype
+        ctx.tiles, ctx.longest, ctx.p_dtype = tiles, longest, p_P.dtype
         return hbar_TF, v_PR
 
     @staticmethod
@@ -278,28 +363,26 @@ class _LowRankSwiGLU(torch.autograd.Function):
         base_T2F, a_P2R, b1g_ERF, b1u_ERF, a2_ERF, p_P1 = ctx.saved_tensors
         R, F_ = a2_ERF.shape[1:]
         dhbar_TF = dhbar_TF.contiguous()
-        if dv_PR is None:
-            dv_PR = a_P2R.new_zeros(a_P2R.shape[0], R)
+        dv_PR = a_P2R.new_zeros(a_P2R.shape[0], R) if dv_PR is None else dv_PR.contiguous()
         grads = _Grads(base_T2F, a_P2R, a2_ERF)
-        g_, u_, s_, h_, dh_ = _scratch(base_T2F, ctx.tile, F_, 5)
-        dgu = base_T2F.new_empty(ctx.tile, 2 * F_)  # [dg | du]: one contiguous row per pair
-        for e, c, tok, first in ctx.plan:
-            n = c.stop - c.start
-            g, u, s, h, dh, dgu_ = g_[:n], u_[:n], s_[:n], h_[:n], dh_[:n], dgu[:n]
-            _gate_up(base_T2F, tok, a_P2R[c], b1g_ERF[e], b1u_ERF[e], g, u)
+        g_, u_, s_, dh_ = _scratch(base_T2F, ctx.longest, F_, 4)
+        dgu = base_T2F.new_empty(ctx.longest, 2 * F_)  # [dg | du]: one contiguous row per pair
+        for t in ctx.tiles:
+            n, c, offsets = t.token_n.shape[0], t.pairs, t.offsets_E
+            g, u, s, dh, dgu_ = g_[:n], u_[:n], s_[:n], dh_[:n], dgu[:n]
+            _gate_up_grouped(base_T2F, t, a_P2R[c], b1g_ERF, b1u_ERF, g, u)
             torch._C._nn.silu(g, out=s)
-            torch.mul(s, u, out=h)  # h
-            grads.a2_ERF[e].addmm_(dv_PR[c].t(), h)  # v = A2_e h
-            torch.index_select(dhbar_TF, 0, tok, out=dh)  # dL/d(p h)
+            h = torch.mul(s, u)
+            grads.a2_ERF += _gmm(dv_PR[c].t(), h, offsets)  # v = A2_e h
+            torch.index_select(dhbar_TF, 0, t.token_n, out=dh)  # dL/d(p h)
             torch.sum(h.mul_(dh), 1, out=grads.p_P[c])  # dL/dp = h · dhbar
-            torch.mm(dv_PR[c], a2_ERF[e], out=h)
-            h.addcmul_(dh, p_P1[c])  # dL/dh = p·dhbar + A2_eᵀ dv
-            torch.mul(h, s, out=dgu_[:, F_:])  # du = dL/dh · silu(g)
-            torch.mul(h, u, out=dh)  # dL/dh · u
+            dLdh = _gmm(dv_PR[c], a2_ERF, offsets).addcmul_(dh, p_P1[c])  # p·dhbar + A2_eᵀ dv
+            torch.mul(dLdh, s, out=dgu_[:, F_:])  # du = dL/dh · silu(g)
+            torch.mul(dLdh, u, out=dh)  # dL/dh · u
             torch.ops.aten.silu_backward.grad_input(dh, g, grad_input=dgu_[:, :F_])  # dg
-            grads.add_pair_tile(e, c, tok, first, dgu_, a_P2R[c], b1g_ERF[e], b1u_ERF[e])
+            grads.add_pair_tile(t, dgu_, a_P2R[c], b1g_ERF, b1u_ERF)
         return (grads.base_T2F, grads.a_P2R, grads.b1g_ERF, grads.b1u_ERF, grads.a2_ERF,
-                grads.p_P.to(ctx.p_dtype), None, None, None)
+                grads.p_P.to(ctx.p_dtype), None, None)
 
 
 class _Grads:
@@ -311,19 +394,32 @@ class _Grads:
         self.p_P = a_P2R.new_empty(a_P2R.shape[0])
         self.b1g_ERF, self.b1u_ERF, self.a2_ERF = (torch.zeros_like(a2_ERF) for _ in range(3))
 
-    def add_pair_tile(self, e, c, tok, first, dgu_n2F, a_n2R, b1g_RF, b1u_RF):
-        """[dg | du] of one tile into d(base), d(a) and dB1 (g = base_g + a_g B1g, u likewise)."""
-        F_, R = b1g_RF.shape[1], b1g_RF.shape[0]
+    def add_pair_tile(self, t: KernelTile, dgu_n2F, a_n2R, b1g_ERF, b1u_ERF):
+        """[dg | du] of one tile into d(base), d(a) and dB1 (g = base_g + a_g B1g_e, u likewise)."""
+        R, F_ = b1g_ERF.shape[1:]
         dg, du = dgu_n2F[:, :F_], dgu_n2F[:, F_:]
-        _write_rows(self.base_T2F, tok, dgu_n2F, first)
-        self.a_P2R[c, :R] = torch.mm(b1g_RF, dg.t()).t()
-        self.a_P2R[c, R:] = torch.mm(b1u_RF, du.t()).t()
-        self.b1g_ERF[e].addmm_(a_n2R[:, :R].t(), dg)
-        self.b1u_ERF[e].addmm_(a_n2R[:, R:].t(), du)
+        _write_rows(self.base_T2F, t.token_n, dgu_n2F, t.first)
+        self.a_P2R[t.pairs, :R] = _gmm(dg, b1g_ERF.transpose(1, 2), t.offsets_E)
+        self.a_P2R[t.pairs, R:] = _gmm(du, b1u_ERF.transpose(1, 2), t.offsets_E)
+        self.b1g_ERF += _gmm(a_n2R[:, :R].t(), dg, t.offsets_E)
+        self.b1u_ERF += _gmm(a_n2R[:, R:].t(), du, t.offsets_E)
+
+
+def _gate_up_grouped(base_T2F, t: KernelTile, a_n2R, b1g_ERF, b1u_ERF, g_nF, u_nF) -> None:
+    """g <- base_gate[tok] + a_g B1g_e ; u <- base_up[tok] + a_u B1u_e (rank-R updates, one
+    grouped GEMM each over the tile's experts)."""
+    F_, R = g_nF.shape[1], b1g_ERF.shape[1]
+    torch.index_select(base_T2F[:, :F_], 0, t.token_n, out=g_nF)
+    torch.index_select(base_T2F[:, F_:], 0, t.token_n, out=u_nF)
+    g_nF.add_(_gmm(a_n2R[:, :R], b1g_ERF, t.offsets_E))
+    u_nF.add_(_gmm(a_n2R[:, R:], b1u_ERF, t.offsets_E))
 
 
 def _plan(segments, token_P, tile: int):
-    """The tiles (expert, slice of pairs, their tokens, first) of every segment, in order."""
+    """The tiles (expert, slice of pairs, their tokens, first) of every segment, in order.
+
+    Per-expert tiles, as the low-rank kernel ran them before its grouped GEMMs; kept for
+    per-expert kernels (the sparse path's)."""
     plan = []
     for expert, start, stop, first in segments:
         for lo in range(start, stop, tile):
