@@ -219,7 +219,7 @@ def test_convert_hf_cli_flags_are_frozen():
     flags = {name: sorted(o for a in sub._actions for o in a.option_strings) for name, sub in subparsers.items()}
     assert flags == {
         "import": sorted(["--force", "--hf-dir", "--make-vocab-size-divisible-by", "--output",
-                          "--tensor-model-parallel-size", "--debug", "-h", "--help"]),
+                          "--tensor-model-parallel-size", "--transformer-impl", "--debug", "-h", "--help"]),
         "export": sorted(["--checkpoint", "--dtype", "--force", "--format", "--max-shard-size", "--no-progress",
                           "--output", "--tokenizer", "--trust-checkpoint", "--debug", "-h", "--help"]),
     }

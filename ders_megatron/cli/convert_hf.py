@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--tensor-model-parallel-size", type=int, default=1,
                      help="the TP size you will train with (only the vocabulary padding depends on it)")
     imp.add_argument("--force", action="store_true", help="replace an existing --output")
+    imp.add_argument("--transformer-impl", default=None, choices=("local", "transformer_engine"),
+                     help="the spec the checkpoint is for, recorded in its args (keys differ in MoE "
+                     "layers' norms; default: local without CUDA, Megatron's transformer_engine with it)")
     add_debug_flag(imp)
 
     exp = sub.add_parser("export", help="Megatron checkpoint -> HF folder")
@@ -83,6 +86,7 @@ def run(args: argparse.Namespace):
             make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
             tensor_parallel_size=args.tensor_model_parallel_size,
             force=args.force,
+            transformer_impl=args.transformer_impl,
         )
     if args.command == "adapter":
         from ders_megatron.convert.hf.peft_adapter import export_peft

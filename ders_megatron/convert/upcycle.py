@@ -201,13 +201,19 @@ def _check_dense_matches(dense_root, args, shapes) -> None:
     """Every tensor the dense model has is in the checkpoint with its shape."""
     from ders_megatron.io.streaming import build_model, plan_model, single_rank_args
 
+    from ders_megatron.io.layout import impl_of, resolve_key
+
     plan = plan_model(build_model(single_rank_args(args), use_te=False))
     for chunk in plan.chunks:
-        if chunk.key not in shapes:
-            raise UpcycleError(f"{dense_root} lacks {chunk.key!r}: truncated, or not the model its args describe")
-        if tuple(shapes[chunk.key][0]) != chunk.global_shape:
+        key = resolve_key(chunk.key, shapes)  # either --transformer-impl's layout
+        if key not in shapes:
             raise UpcycleError(
-                f"{dense_root}: {chunk.key} has shape {tuple(shapes[chunk.key][0])}, its args say {chunk.global_shape}"
+                f"{dense_root} lacks {chunk.key!r} (its args say --transformer-impl {impl_of(args)}): "
+                "truncated, or not the model its args describe"
+            )
+        if tuple(shapes[key][0]) != chunk.global_shape:
+            raise UpcycleError(
+                f"{dense_root}: {key} has shape {tuple(shapes[key][0])}, its args say {chunk.global_shape}"
             )
 
 
@@ -288,6 +294,7 @@ def upcycle_checkpoint(dense_root, out_root, cfg: UpcycleConfig, *, force: bool 
         single_rank_args,
         write_release,
     )
+    from ders_megatron.io.layout import impl_of, plan_in_layout
     from ders_megatron.io.session import single_rank_megatron
 
     start = time.perf_counter()
@@ -300,21 +307,13 @@ def upcycle_checkpoint(dense_root, out_root, cfg: UpcycleConfig, *, force: bool 
         if transformer_impl is not None:
             args.transformer_impl = transformer_impl
         check_target_layout(args, cfg)
-        use_te = args.transformer_impl == "transformer_engine"
-        if use_te:
-            from megatron.core.extensions.transformer_engine import HAVE_TE
-
-            if not HAVE_TE:
-                raise UpcycleError(
-                    "the MoE model uses --transformer-impl transformer_engine (checkpoint keys differ from "
-                    "the local spec) but Transformer Engine is not installed here: run the tool where it is, "
-                    "or pass --transformer-impl local"
-                )
         dense = DenseSource(dense_root)
         _check_dense_matches(dense_root, dense_args, dense.shapes)
         ders = ders_config_from_args(args)
-        model = build_model(single_rank_args(args), ders, use_te=use_te)
-        plan = plan_model(model)
+        # The local spec's model gives every tensor; the checkpoint is keyed for the impl
+        # its args record (io/layout.py: what TE's spec names differently), TE or not here.
+        model = build_model(single_rank_args(args), ders, use_te=False)
+        plan = plan_in_layout(plan_model(model), impl_of(args))
         values = _Values(plan, dense, args, cfg, ders)
         with atomic_output_dir(out_root, force=force) as tmp:
             written = write_release(tmp, plan, values, release_common(args), file_bytes or DEFAULT_FILE_BYTES)

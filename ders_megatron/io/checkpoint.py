@@ -90,11 +90,14 @@ def _rank() -> int:
 
 
 def save_model(model_chunks, root, args=None, iteration: int | None = None) -> Path:
-    """Save model weights in megatron.training's layout (no optimizer state).
+    """Save model weights in megatron.training's layout (no optimizer state), keyed as
+    the ``--transformer-impl`` that ``args`` records loads them (:mod:`ders_megatron.io.layout`).
 
     Collective: every rank calls it with its own shards.
     """
     from megatron.core import dist_checkpointing, parallel_state
+
+    from ders_megatron.io.layout import LOCAL_IMPL, impl_of, sharded_state_dict_in_layout
 
     chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
     path = iteration_dir(root, iteration)
@@ -105,8 +108,11 @@ def save_model(model_chunks, root, args=None, iteration: int | None = None) -> P
     state = {"checkpoint_version": 3.0, "iteration": iteration or 0}
     if args is not None:
         state["args"] = args
+    impl = impl_of(args) if args is not None else LOCAL_IMPL
     for i, chunk in enumerate(chunks):
-        state["model" if len(chunks) == 1 else f"model{i}"] = chunk.sharded_state_dict(metadata=metadata)
+        state["model" if len(chunks) == 1 else f"model{i}"] = sharded_state_dict_in_layout(
+            chunk.sharded_state_dict(metadata=metadata), chunk.config, impl
+        )
     dist_checkpointing.save(state, str(path))
     _barrier()
     if _rank() == 0:
@@ -116,16 +122,22 @@ def save_model(model_chunks, root, args=None, iteration: int | None = None) -> P
 
 
 def load_model(model_chunks, root, strict: bool = True) -> dict:
-    """Load model weights saved at any TP/EP/PP layout into this layout's chunks."""
+    """Load model weights saved at any TP/EP/PP layout, by either ``--transformer-impl``'s
+    spec, into this layout's chunks (tensors requested under the checkpoint's names)."""
     from megatron.core import dist_checkpointing, parallel_state
     from torch.distributed.checkpoint.api import CheckpointException
+
+    from ders_megatron.io.layout import sharded_state_dict_for_checkpoint
 
     chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
     path = latest_dir(root)
     vet_checkpoint(path)
+    keys = tensor_shapes(root)
     metadata = {"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
     request = {
-        ("model" if len(chunks) == 1 else f"model{i}"): chunk.sharded_state_dict(metadata=metadata)
+        ("model" if len(chunks) == 1 else f"model{i}"): sharded_state_dict_for_checkpoint(
+            chunk.sharded_state_dict(metadata=metadata), keys
+        )
         for i, chunk in enumerate(chunks)
     }
     try:

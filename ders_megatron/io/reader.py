@@ -19,7 +19,8 @@ Parameter name -> checkpoint key (the rules megatron-core applies on save):
   ``transformer_block.py:736-740``);
 * ``input_layernorm.`` -> ``self_attention.linear_qkv.layer_norm_`` and
   ``pre_mlp_layernorm.`` -> ``mlp.linear_fc1.layer_norm_`` (the local spec's
-  ``sharded_state_dict_keys_map``, ``models/gpt/gpt_layer_specs.py:459-461``);
+  ``sharded_state_dict_keys_map``, ``models/gpt/gpt_layer_specs.py:459-461``; a
+  TE model keeps ``pre_mlp_layernorm.`` in MoE layers, :mod:`ders_megatron.io.layout`);
 * ``experts.local_experts.<e>.`` -> ``experts.experts.`` plus index ``e`` on the
   experts axis (``SequentialMLP.sharded_state_dict``, ``transformer/moe/experts.py:1388-1399``).
 """
@@ -38,6 +39,7 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 
 from ders_megatron.io.checkpoint import CheckpointError, latest_dir, load_common
 from ders_megatron.io.errors import failure_line
+from ders_megatron.io.layout import other_layout_key
 from ders_megatron.io.safe_load import SafeFileSystemReader, read_metadata, single_process_reads, storage_files
 
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
@@ -106,6 +108,8 @@ class CheckpointReader:
             expert = int(expert_match.group(2))
             rest = f"{expert_match.group(1)}experts.{expert_match.group(3)}"
         candidates = [(f"decoder.layers.{layer}.{rest}", None), (f"decoder.layers.{rest}", layer)]
+        # A MoE layer's pre-MLP norm: the TE spec's own name (ders_megatron.io.layout).
+        candidates += [(alias, i) for key, i in candidates if (alias := other_layout_key(key))]
         for key, layer_index in candidates:
             if key in self.metadata:
                 return key, layer_index, expert

@@ -141,7 +141,10 @@ def read_slices(root, requests: list[SliceRequest], shapes=None, out: list | Non
     """
     from megatron.core import dist_checkpointing
 
+    from ders_megatron.io.layout import resolve_key
+
     shapes = shapes if shapes is not None else tensor_shapes(root)
+    requests = [replace(r, key=resolve_key(r.key, shapes)) for r in requests]  # either impl's layout
     unique: dict[SliceRequest, int] = {}
     sharded = {}
     for request in requests:

@@ -150,10 +150,13 @@ class LayerSource:
             self.dense = DenseSource(dense_root)
 
     def key(self, layer: int, suffix: str) -> tuple[str, tuple]:
-        stacked = f"decoder.layers.{suffix}"
+        """The checkpoint key (either impl's layout) and layer index of a layer's tensor."""
+        from ders_megatron.io.layout import resolve_key
+
+        stacked = resolve_key(f"decoder.layers.{suffix}", self.shapes)
         if stacked in self.shapes:
             return stacked, (layer,)
-        return f"decoder.layers.{layer}.{suffix}", ()
+        return resolve_key(f"decoder.layers.{layer}.{suffix}", self.shapes), ()
 
     def read(self, layer: int, suffix: str) -> torch.Tensor:
         from ders_megatron.io.streaming import SliceRequest, read_slices
@@ -290,6 +293,20 @@ def _check_matrices(args, table) -> None:
             raise CompressError(f"--moe-ders-codecs {err}") from err
 
 
+def _check_source_keys(root, args, shapes) -> None:
+    """Every tensor the MoE model of ``args`` has is in the checkpoint, under either
+    --transformer-impl's name: a real incompatibility is named before any work."""
+    from ders_megatron.io.layout import impl_of, missing_tensors
+    from ders_megatron.io.streaming import build_model, plan_model, single_rank_args
+
+    missing = missing_tensors(plan_model(build_model(single_rank_args(args), use_te=False)), shapes)
+    if missing:
+        raise CompressError(
+            f"{root} (saved with --transformer-impl {impl_of(args)}) lacks {missing[:3]}"
+            f"{'...' if len(missing) > 3 else ''}: not the MoE model its args describe"
+        )
+
+
 def _batches(path, args, cfg: CompressConfig, count: int):
     from ders_megatron.convert.compress.calibration import DataError, load_tokens, token_batches
 
@@ -322,6 +339,7 @@ def compress_checkpoint(moe_root, out_root, cfg: CompressConfig, *, force: bool 
         single_rank_args,
         write_release,
     )
+    from ders_megatron.io.layout import impl_of, plan_in_layout
     from ders_megatron.io.session import single_rank_megatron
 
     start = time.perf_counter()
@@ -334,6 +352,7 @@ def compress_checkpoint(moe_root, out_root, cfg: CompressConfig, *, force: bool 
         _check_matrices(args, table)
         shared = cfg.shared_expert == "ders" and bool(args.moe_shared_expert_intermediate_size)
         source = LayerSource(moe_root, cfg.dense_root if cfg.base == "dense" else None)
+        _check_source_keys(moe_root, args, source.shapes)
         calibration, evaluation = None, {}
         need_calib = cfg.base == "fisher" or any(isinstance(c, SVD) and c.whiten for c in table.values())
         if need_calib or cfg.eval_data:
@@ -344,10 +363,10 @@ def compress_checkpoint(moe_root, out_root, cfg: CompressConfig, *, force: bool 
             if cfg.eval_data:
                 evaluation["before"] = evaluate(model, _batches(cfg.eval_data, args, cfg, cfg.eval_batches))
             del model
-        out_args = compressed_args(args, cfg, table)
+        out_args = compressed_args(args, cfg, table)  # keeps the source's --transformer-impl
         ders = ders_config_from_args(out_args)
         target = build_model(single_rank_args(out_args), ders, use_te=False)
-        plan = plan_model(target)
+        plan = plan_in_layout(plan_model(target), impl_of(out_args))
         compressor = _LayerCompressor(source, cfg, table, target.config.gated_linear_unit, shared, calibration)
         with atomic_output_dir(out_root, force=force) as tmp:
             write_release(tmp, plan, _Values(plan, source, compressor), release_common(out_args),

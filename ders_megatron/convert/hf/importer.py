@@ -78,12 +78,14 @@ def import_hf(
     make_vocab_size_divisible_by: int = 128,
     tensor_parallel_size: int = 1,
     force: bool = False,
+    transformer_impl: str | None = None,
 ) -> Path:
     """Convert the HF model folder ``source`` (or a repo id in the local HF cache) into a
     megatron checkpoint at ``output``.
 
     Returns the output root (tracker + ``release/`` + ``hf/``). Nothing is written
-    unless the whole conversion succeeds.
+    unless the whole conversion succeeds. ``transformer_impl`` (default: this machine's,
+    ``local`` without CUDA) is recorded in the args and decides the checkpoint's keys.
     """
     from ders_megatron.convert.hf.megatron_model import checkpoint_args, gpt_from_dims
     from ders_megatron.io.session import single_rank_megatron
@@ -106,5 +108,5 @@ def import_hf(
             assets.mkdir(exist_ok=True)
             (assets / "config.json").write_text((Path(source) / "config.json").read_text())
             tokenizer_model = (Path(output).resolve() / HF_ASSETS) if len(copied) > 1 else None
-            save_model(model, tmp, args=checkpoint_args(dims, tokenizer_model))
+            save_model(model, tmp, args=checkpoint_args(dims, tokenizer_model, transformer_impl))
     return Path(output)

@@ -153,13 +153,14 @@ def megatron_argv(dims: ModelDims, tokenizer_model=None) -> list[str]:
     return flags
 
 
-def checkpoint_args(dims: ModelDims, tokenizer_model=None) -> argparse.Namespace:
+def checkpoint_args(dims: ModelDims, tokenizer_model=None, transformer_impl: str | None = None) -> argparse.Namespace:
     """megatron.training's full, validated argument Namespace for ``dims``, as Megatron-LM
     saves it in checkpoints (what ``--use-checkpoint-args``, tools/upcycle.py and
     tools/compress.py read), with the converters' own fields on top (:meth:`ModelDims.to_args`).
 
     Parsed with this machine's runtime (``--cpu`` without CUDA): it only decides
-    settings such as ``transformer_impl``, not the model.
+    settings such as ``transformer_impl``, not the model. ``transformer_impl`` overrides
+    it: the checkpoint is keyed for the impl its args record (``io.checkpoint.save_model``).
     """
     from megatron.training.arguments import validate_args
 
@@ -171,6 +172,8 @@ def checkpoint_args(dims: ModelDims, tokenizer_model=None) -> argparse.Namespace
         validate_args(args, {})
     for name, value in vars(dims.to_args()).items():
         setattr(args, name, value)
+    if transformer_impl is not None:
+        args.transformer_impl = transformer_impl
     # A new run for --load: megatron.training reads these from checkpoint args
     # (training/checkpointing.py load_checkpoint, "consumed_train_samples").
     args.consumed_train_samples = args.skipped_train_samples = args.consumed_valid_samples = 0
