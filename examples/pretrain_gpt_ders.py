@@ -59,7 +59,7 @@ def main(argv=None) -> None:
         train_valid_test_datasets_provider,
         ModelType.encoder_or_decoder,
         functools.partial(forward_step, loss_log=loss_log),
-        model_provider=DeRSModelProvider(),
+        model_provider=DeRSModelProvider(check_args=False),  # initialize_args checked them
     )
     print(f"[ders] rank {get_args().rank}: {peak_memory_line()}", flush=True)
     print_rank_0("[ders] training done")

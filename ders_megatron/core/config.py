@@ -773,10 +773,10 @@ UNSUPPORTED_DATA_FLAGS = (
 )
 
 
-def _check_model_flags(args) -> None:
+def _check_model_flags(args, own_data_provider: bool = True) -> None:
     for attr, flag in UNSUPPORTED_MODEL_FLAGS:
         _check(not getattr(args, attr, None), f"{flag} is not supported by the DeRS model provider")
-    for attr, flag in UNSUPPORTED_DATA_FLAGS:
+    for attr, flag in UNSUPPORTED_DATA_FLAGS if own_data_provider else ():
         _check(not getattr(args, attr, None),
                f"{flag} is not supported by the entry script's GPT dataset provider (ders_megatron/training/data.py)")
 
@@ -806,14 +806,17 @@ def _check_runtime(args, cuda_available: bool) -> None:
         _check(cuda_available, CPU_MODE_HINT)
 
 
-def validate_ders_args(args, cuda_available: bool) -> DeRSConfig | None:
+def validate_ders_args(args, cuda_available: bool, own_data_provider: bool = True) -> DeRSConfig | None:
     """Reject invalid DeRS/CPU flag combinations; return the DeRSConfig (or None).
 
     Runs on the raw parsed args, before Megatron's own ``validate_args``, so it
     computes Megatron's later defaults (FFN size, expert-TP) itself.
+    ``own_data_provider``: the run uses training/data.py (examples/pretrain_gpt_ders.py),
+    which does not honour ``UNSUPPORTED_DATA_FLAGS``; a Megatron-LM ``pretrain_gpt.py``
+    keeps its own dataset provider, which does.
     """
     _check_runtime(args, cuda_available)
-    _check_model_flags(args)
+    _check_model_flags(args, own_data_provider)
     _check_megatron_preconditions(args)
     _check_flags_need_ders(args)
     _check_upcycle_from(args)

@@ -131,13 +131,29 @@ def apply_cpu_settings(args) -> None:
         setattr(args, attr, cpu_value)
 
 
-def check_ders_args(args, cuda_available: bool | None = None) -> DeRSConfig | None:
+def check_ders_args(args, cuda_available: bool | None = None, own_data_provider: bool = True) -> DeRSConfig | None:
     """:func:`ders_megatron.core.config.validate_ders_args` with this machine's CUDA."""
     if cuda_available is None:
         import torch
 
         cuda_available = torch.cuda.is_available()
-    return validate_ders_args(args, cuda_available)
+    return validate_ders_args(args, cuda_available, own_data_provider)
+
+
+def check_args_parsed_by_megatron(args) -> None:
+    """The checks :func:`validated_args` runs, for args that came through Megatron-LM's own
+    ``parse_and_validate_args(extra_args_provider=add_ders_args)`` (a user's
+    ``pretrain_gpt.py``, README "DeRS in your own pretrain_gpt.py"). Run by the model
+    provider before it builds anything and before megatron reads ``--load``
+    (``setup_model_and_optimizer`` loads after ``get_model``)."""
+    if args.cpu:
+        raise DeRSArgumentError("--cpu needs examples/pretrain_gpt_ders.py (it sets the CPU runtime up "
+                                "before Megatron validates the flags); Megatron-LM's pretrain_gpt.py runs on GPUs")
+    check_ders_args(args, own_data_provider=False)  # its own dataset provider honours --sft, --fim-data
+    with trust_checkpoints(args.trust_checkpoint):
+        check_load_is_data(args)
+        check_load_matches_flags(args)
+        check_upcycle_source(args)
 
 
 def check_upcycle_source(args) -> None:

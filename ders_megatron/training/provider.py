@@ -23,6 +23,7 @@ from __future__ import annotations
 from ders_megatron.core.config import ders_config_from_args
 from ders_megatron.io.model import build_gpt
 from ders_megatron.io.upcycle_state import upcycle_state_into_model
+from ders_megatron.training.arguments import check_args_parsed_by_megatron
 from ders_megatron.training.utils import check_resume_checkpoint
 
 
@@ -34,13 +35,18 @@ def resumes(args) -> bool:
 class DeRSModelProvider:
     """``model_provider`` for ``pretrain``; logs the parameter report once all chunks exist.
 
+    The one model hook a Megatron-LM ``pretrain_gpt.py`` needs (README "DeRS in your own
+    pretrain_gpt.py"): with ``check_args`` it first runs the DeRS checks on args that
+    came through Megatron's own parser with ``extra_args_provider=add_ders_args``.
+
     The report (:func:`ders_megatron.training.utils.accounting_lines`) counts the
     real model across ranks, so every rank must build through this provider.
     """
 
-    def __init__(self, args=None, report: bool = True):
+    def __init__(self, args=None, report: bool = True, check_args: bool = True):
         self._args = args
         self._report = report
+        self._check_args = check_args  # examples/pretrain_gpt_ders.py checked them at parse time
         self._chunks = []
 
     def __call__(self, pre_process=True, post_process=True, config=None, pg_collection=None,
@@ -49,6 +55,9 @@ class DeRSModelProvider:
         from megatron.training import get_args
 
         args = self._args or get_args()
+        if self._check_args:  # args from Megatron-LM's own parser (a user's pretrain_gpt.py)
+            check_args_parsed_by_megatron(args)
+            self._check_args = False
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups()
         model = build_gpt(args, ders=ders_config_from_args(args), config=config, pre_process=pre_process,
@@ -87,5 +96,5 @@ class DeRSModelProvider:
 def model_provider(pre_process=True, post_process=True, config=None, pg_collection=None,
                    vp_stage=None):
     """Function form (no report) for callers that want a plain provider."""
-    provider = DeRSModelProvider(report=False)
+    provider = DeRSModelProvider(report=False, check_args=False)
     return provider(pre_process, post_process, config, pg_collection, vp_stage)
