@@ -11,7 +11,6 @@ end-of-text id.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -33,7 +32,7 @@ def train_bpe(train_jsonl: Path, vocab_size: int, out: Path) -> dict:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(documents(train_jsonl), trainer=trainer)
-    _save_atomic(lambda tmp: tokenizer.save(str(tmp)), out)
+    save_atomic(lambda tmp: tokenizer.save(str(tmp)), out)
     return {"vocab_size": tokenizer.get_vocab_size(), "tokenizer": str(out)}
 
 
@@ -64,7 +63,7 @@ def tokenize(jsonl: Path, tokenizer_json: Path, out: Path) -> dict:
         ids.extend(encoding.ids)
         ids.append(end)
     tokens = torch.tensor(ids, dtype=torch.int32)
-    _save_atomic(lambda tmp: torch.save(tokens, tmp), out)
+    save_atomic(lambda tmp: torch.save(tokens, tmp), out)
     return {"tokens": len(ids), "file": str(out)}
 
 
@@ -73,8 +72,9 @@ def load(path: Path) -> torch.Tensor:
     return torch.load(path, weights_only=True).long()
 
 
-def _save_atomic(write, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
+def save_atomic(write, path: Path) -> None:
+    """``write(tmp)`` a file that then replaces ``path`` whole (io/atomic.py)."""
+    from ders_megatron.io.atomic import atomic_output_files
+
+    with atomic_output_files([path]) as (tmp,):
+        write(tmp)

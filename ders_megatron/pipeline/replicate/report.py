@@ -14,7 +14,7 @@ import torch
 
 from ders_megatron.pipeline.replicate import stats
 from ders_megatron.pipeline.replicate.plan import Profile
-from ders_megatron.pipeline.text import write_atomic
+from ders_megatron.io.atomic import write_text_atomic
 
 EQUIVALENCE_SHARE = 0.25  # DeRS "≈ vanilla": keeps >= 75 % of vanilla's gain over dense-continued
 LOSSLESS_SHARE = 0.10  # compression "lossless": loses <= 10 % of what the deltas add over base-only
@@ -393,8 +393,8 @@ def write_report(profile: Profile, workdir: Path, records: dict, out_dir: Path) 
 
     lines = render(profile, a_table, b_rows, compression, results, claims, plots, out_dir)
     md, js = out_dir / "replication.md", out_dir / "replication.json"
-    write_atomic(md, "\n".join(lines) + "\n")
-    write_atomic(js, json.dumps(results, indent=1, default=str) + "\n")
+    write_text_atomic(md, "\n".join(lines) + "\n")
+    write_text_atomic(js, json.dumps(results, indent=1, default=str) + "\n")
     return [md, js, *plots]
 
 

@@ -63,7 +63,8 @@ def load(root: Path, aux_loss_coeff: float | None = None):
 
 def save(model, args, root: Path) -> None:
     """The model's weights as a complete checkpoint directory (atomic)."""
-    from ders_megatron.io.checkpoint import atomic_output_dir, save_model
+    from ders_megatron.io.atomic import atomic_output_dir
+    from ders_megatron.io.checkpoint import save_model
 
     with atomic_output_dir(root, force=True) as tmp:
         save_model(model, tmp, args)
@@ -169,12 +170,9 @@ def _score(model, heldout_N, seq_length: int, path: Path) -> dict:
 
 
 def _save_tensor(tensor, path: Path) -> None:
-    import os
+    from ders_megatron.pipeline.replicate.data import save_atomic
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(tensor, tmp)
-    os.replace(tmp, path)
+    save_atomic(lambda tmp: torch.save(tensor, tmp), path)
 
 
 # --------------------------------------------------------------------------- #
