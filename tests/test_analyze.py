@@ -39,15 +39,18 @@ def test_similarity_heat_map_of_upcycled_experts(dist1, trained, tmp_path):  # n
 def test_drop_rate_and_bit_width_sweeps(dist1, trained, tmp_path):  # noqa: F811
     for codecs, base in (("dare:0.5,dare:0.9,dare:0.99", "dense"), ("quant:1,quant:2,quant:4,quant:8", "mean")):
         png, data = tmp_path / f"{base}.png", tmp_path / f"{base}.json"
-        argv = ["sweep", "--load", str(trained / "moe"), "--sweep-codecs", codecs, "--base", base,
+        argv = ["sweep", "--load", str(trained / "moe"), "--sweep-codecs", codecs,
                 "--eval-data", str(trained / "heldout.npy"), "--eval-batches", "8", "--out", str(png),
                 "--json", str(data)]
-        if base == "dense":
+        if base == "dense":  # the default base when --dense is given
             argv += ["--dense", str(trained / "dense")]
+        else:
+            argv += ["--base", base]
         code, stdout, stderr = dist1.run(cli, argv)[0]
         assert code == 0, stderr
         assert png.read_bytes()[:8] == PNG
         result = json.loads(data.read_text())
+        assert result["base"] == base
         losses = {row["codec"]: row["loss"] for row in result["results"]}
         print(f"\n{base} base: vanilla {result['baseline']['loss']:.4f}, {losses}")
         baseline = result["baseline"]["loss"]
@@ -60,7 +63,7 @@ def test_drop_rate_and_bit_width_sweeps(dist1, trained, tmp_path):  # noqa: F811
 
 
 def test_sweep_rejects_bad_settings(dist1, trained, tmp_path):  # noqa: F811
-    code, _, stderr = dist1.run(cli, ["sweep", "--load", str(trained / "moe"), "--sweep-codecs", "quant:7",
+    code, _, stderr = dist1.run(cli, ["sweep", "--load", str(trained / "moe"), "--sweep-codecs", "quant:7", "--base", "mean",
                                       "--eval-data", str(trained / "heldout.npy"), "--out", str(tmp_path / "x.png")])[0]
     assert code == 2 and "bit width" in stderr
     assert not (tmp_path / "x.png").exists()

@@ -217,14 +217,22 @@ def cli(argv):
 
 
 def test_cli_prints_table_and_writes_json(dist1, trained, tmp_path):
+    """--dense given and no --base: the base is the dense FFN (the paper's), named in the
+    printed report, the JSON and the output checkpoint's args."""
+    from ders_megatron.io.checkpoint import load_common
+
     report = tmp_path / "report.json"
     code, stdout, stderr = dist1.run(cli, ["--load", str(trained / "moe"), "--save", str(tmp_path / "o"),
-                                           "--moe-ders-codecs", "quant:1", "--base", "dense", "--dense", str(trained / "dense"),
+                                           "--moe-ders-codecs", "quant:1", "--dense", str(trained / "dense"),
                                            "--eval-data", str(trained / "heldout.npy"), "--json", str(report)])[0]
     assert code == 0, stderr
     assert "MoE layers:" in stdout and "cos min" in stdout
+    assert f"base dense (the FFN of {trained / 'dense'})" in stdout
     data = json.loads(report.read_text())
     assert data["codecs"] == "quant:1" and len(data["layers"]) == 2 * 3
+    assert data["base"] == "dense" and data["dense"] == str(trained / "dense")
+    record = load_common(tmp_path / "o")["args"].ders_compression
+    assert record["base"] == "dense" and record["dense"] == str(trained / "dense")
 
 
 def save_other_dense(root):
@@ -243,29 +251,35 @@ def save_other_dense(root):
         ("bits", "bit width must be one of"),
         ("fisher-no-calib", "need --calib-data"),
         ("dense-base-no-dense", "--base dense needs --dense"),
+        ("no-base", "no base: pass --dense DIR"),  # mean/fisher only when asked for
+        ("mean-base-with-dense", "--dense is read only with --base dense"),
     ],
 )
 def test_bad_input_fails_clearly_without_output(dist1, trained, tmp_path, case, message):
     load, extra = trained / "moe", []
     if case == "dense-input":
         load = trained / "dense"
-        extra = ["--moe-ders-codecs", "dare:0.9"]
+        extra = ["--moe-ders-codecs", "dare:0.9", "--base", "mean"]
     elif case == "ders-input":
         load = tmp_path / "ders"
         dist1.run(run_compress, str(trained / "moe"), str(load), codecs="svd:2", base="mean")
-        extra = ["--moe-ders-codecs", "dare:0.9"]
+        extra = ["--moe-ders-codecs", "dare:0.9", "--base", "mean"]
     elif case == "base-wrong-shape":
         other = tmp_path / "other_dense"
         dist1.run(save_other_dense, str(other))
         extra = ["--moe-ders-codecs", "dare:0.9", "--base", "dense", "--dense", str(other)]
     elif case == "rank-too-large":
-        extra = ["--moe-ders-codecs", "svd:100"]
+        extra = ["--moe-ders-codecs", "svd:100", "--base", "mean"]
     elif case == "bits":
-        extra = ["--moe-ders-codecs", "quant:5"]
+        extra = ["--moe-ders-codecs", "quant:5", "--base", "mean"]
     elif case == "fisher-no-calib":
         extra = ["--moe-ders-codecs", "dare:0.9", "--base", "fisher"]
     elif case == "dense-base-no-dense":
         extra = ["--moe-ders-codecs", "dare:0.9", "--base", "dense"]
+    elif case == "no-base":
+        extra = ["--moe-ders-codecs", "dare:0.9"]
+    elif case == "mean-base-with-dense":
+        extra = ["--moe-ders-codecs", "dare:0.9", "--base", "mean", "--dense", str(trained / "dense")]
     out = tmp_path / "out"
     code, _, stderr = dist1.run(cli, ["--load", str(load), "--save", str(out), *extra])[0]
     assert code == 2 and message in stderr, stderr

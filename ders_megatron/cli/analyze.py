@@ -9,7 +9,9 @@ import json
 from ders_megatron.cli.flags import add_debug_flag, add_seed_flag, add_trust_flag
 from ders_megatron.convert.analyze import expert_similarity, plot_similarity, plot_sweep, sweep
 from ders_megatron.core.config import DEFAULTS
+from ders_megatron.core.decomposition import BASES
 from ders_megatron.io.atomic import write_text_atomic
+from ders_megatron.io.checkpoint import CheckpointError
 from ders_megatron.io.errors import report_failure, user_failures
 from ders_megatron.io.safe_load import trust_checkpoints
 
@@ -28,8 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--load", required=True, metavar="DIR", help="vanilla MoE checkpoint")
     sw.add_argument("--sweep-codecs", required=True,
                     help="codecs to compare, comma-separated, e.g. dare:0.5,dare:0.9,dare:0.99")
-    sw.add_argument("--base", choices=("dense", "mean", "fisher"), default="mean")
-    sw.add_argument("--dense", default=None, metavar="DIR")
+    sw.add_argument("--base", choices=BASES, default=None,
+                    help="dense (the default: needs --dense), mean or fisher (only when asked for); as tools/compress.py")
+    sw.add_argument("--dense", default=None, metavar="DIR", help="the dense checkpoint the MoE was upcycled from")
     sw.add_argument("--eval-data", required=True, metavar="FILE")
     sw.add_argument("--calib-data", default=None, metavar="FILE")
     add_seed_flag(sw, "seed of DARE's kept positions")

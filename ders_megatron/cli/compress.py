@@ -26,10 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_trust_flag(p)
     add_debug_flag(p)
     add_codec_flags(p, required=True)
-    p.add_argument("--base", choices=BASES, default="mean",
-                   help="dense: the upcycling source (--dense); mean: expert mean; fisher: D2-MoE "
-                   "Fisher-weighted mean (--calib-data)")
-    p.add_argument("--dense", default=None, metavar="DIR", help="dense checkpoint for --base dense")
+    p.add_argument("--base", choices=BASES, default=None,
+                   help="dense (the default, the paper's base): the FFN the experts were upcycled from "
+                   "(--dense); mean: expert mean; fisher: D2-MoE Fisher-weighted mean (--calib-data); "
+                   "mean and fisher only when asked for")
+    p.add_argument("--dense", default=None, metavar="DIR",
+                   help="the dense checkpoint the MoE was upcycled from: the base (--base dense)")
     add_seed_flag(p, "seed of DARE's kept positions")
     add_shared_expert_flag(p, choices=SHARED_MODES, default="full",
                            help_text="full keeps the checkpoint's shared expert (if any) as it is; ders folds it in.")

@@ -128,7 +128,7 @@ def _synthesize_into(model, codec_text, base, source, calibration, seed, group_s
             mlp.linear_fc2.weight.copy_(synth["fc2"].to(mlp.linear_fc2.weight.dtype))
 
 
-def sweep(moe_root, codecs: list[str], *, base: str = "mean", dense_root=None, eval_data, calib_data=None,
+def sweep(moe_root, codecs: list[str], *, base: str | None = None, dense_root=None, eval_data, calib_data=None,
           seed: int = 1234, group_size: int = 128, seq_length=None, batch_size: int = 4, eval_batches: int = 16,
           calib_batches: int = 8) -> dict:
     """Held-out loss of the MoE with each codec's synthesized experts (module doc)."""
@@ -138,8 +138,9 @@ def sweep(moe_root, codecs: list[str], *, base: str = "mean", dense_root=None, e
     from ders_megatron.io.session import single_rank_megatron
     from ders_megatron.io.streaming import build_model, single_rank_args
 
-    for text in codecs:  # settings errors before any work
-        CompressConfig(codecs=text, base=base, dense_root=dense_root, calib_data=calib_data, group_size=group_size)
+    for text in codecs:  # settings errors before any work; base None: dense (tools/compress.py's rule)
+        base = CompressConfig(codecs=text, base=base, dense_root=dense_root, calib_data=calib_data,
+                              group_size=group_size).base
     with single_rank_megatron():
         args = read_moe_args(moe_root)
         source = LayerSource(moe_root, dense_root if base == "dense" else None)

@@ -52,7 +52,7 @@ class CompressConfig:
     """What ``tools/compress.py`` asks for (flag names in the error messages)."""
 
     codecs: str  # --moe-ders-codecs, e.g. "dare:0.9" or "fc1:quant:4,fc2:svd:8"
-    base: str = "mean"  # --base: dense | mean | fisher
+    base: str | None = None  # --base: dense | mean | fisher; None: dense, which needs --dense (the paper's base)
     dense_root: str | None = None  # --dense
     seed: int = DEFAULTS["seed"]  # --moe-ders-seed: DARE positions
     group_size: int = DEFAULTS["quant_group_size"]  # --moe-ders-quant-group-size
@@ -65,10 +65,18 @@ class CompressConfig:
     eval_batches: int = 16
 
     def __post_init__(self):
+        if self.base is None:  # the paper's base is the experts' shared initial weight: the dense FFN
+            if not self.dense_root:
+                raise CompressError(
+                    "no base: pass --dense DIR (the dense checkpoint the MoE was upcycled from, the default "
+                    "base) or ask for --base mean|fisher")
+            object.__setattr__(self, "base", "dense")
         if self.base not in BASES:
             raise CompressError(f"--base must be one of {BASES}, got {self.base!r}")
         if self.base == "dense" and not self.dense_root:
             raise CompressError("--base dense needs --dense DIR (the checkpoint the MoE was upcycled from)")
+        if self.base != "dense" and self.dense_root:
+            raise CompressError(f"--dense is read only with --base dense, not --base {self.base}: drop one of them")
         if self.shared_expert not in SHARED_MODES:
             raise CompressError(f"--moe-ders-shared-expert must be one of {SHARED_MODES}, got {self.shared_expert!r}")
         if self.shared_expert == "ders" and self.base == "fisher":
@@ -106,7 +114,14 @@ def compressed_args(moe_args, cfg: CompressConfig, table: dict) -> argparse.Name
         codecs=codecs_spec(table), quant_group_size=cfg.group_size,
     )
     args.consumed_train_samples = args.skipped_train_samples = args.consumed_valid_samples = 0
+    args.ders_compression = compression_record(cfg)
     return args
+
+
+def compression_record(cfg: CompressConfig) -> dict:
+    """What the compressed experts' base is (written into the output args and the report)."""
+    return {"base": cfg.base, "dense": None if cfg.base != "dense" else str(cfg.dense_root),
+            "codecs": cfg.codecs}
 
 
 def read_moe_args(root) -> argparse.Namespace:

@@ -47,6 +47,7 @@ def build_report(moe_root, out_root, cfg, table, stats: dict, evaluation: dict) 
         "output": str(out_root),
         "codecs": codecs_spec(table),
         "base": cfg.base,
+        "dense": str(cfg.dense_root) if cfg.base == "dense" else None,
         "shared_expert": cfg.shared_expert,
         "before": before,
         "after": after,
@@ -64,13 +65,20 @@ def build_report(moe_root, out_root, cfg, table, stats: dict, evaluation: dict) 
     return report
 
 
+def base_text(report: dict) -> str:
+    """The base in words: ``dense (FFN of DIR)``, ``mean`` or ``fisher``."""
+    if report["base"] != "dense":
+        return report["base"]
+    return f"dense (the FFN of {report['dense']})"
+
+
 def format_report(report: dict) -> str:
     """A plain-text summary and per-layer table."""
     mib = 2**20
     b, a, c = report["before"], report["after"], report["compression"]
     lines = [
         f"DeRS compression {report['input']} -> {report['output']}",
-        f"  codecs {report['codecs']}, base {report['base']}, shared expert {report['shared_expert']}",
+        f"  codecs {report['codecs']}, base {base_text(report)}, shared expert {report['shared_expert']}",
         f"  MoE layers: {b['moe_bytes'] / mib:.3f} MiB -> {a['moe_bytes'] / mib:.3f} MiB  (x{c['moe_layers']:.2f})",
         f"  model:      {b['model_bytes'] / mib:.3f} MiB -> {a['model_bytes'] / mib:.3f} MiB  (x{c['model']:.2f})",
     ]
