@@ -296,15 +296,17 @@ def test_cli_flags_are_frozen():
         "--moe-ders-quant-group-size", "--moe-ders-shared-expert", "--calib-data", "--eval-data", "--seq-length",
         "--batch-size", "--calib-batches", "--eval-batches", "--file-bytes", "--json", "--trust-checkpoint",
         "--debug",  # issue 19: the traceback of a failure (one line otherwise)
+        "--shared-expert-init", "--max-delta-norm",
     ])
 
 
 # --------------------------------------------------------------------------- #
 # Shared experts and --moe-layer-freq inputs
 # --------------------------------------------------------------------------- #
-def perturbed_moe(dense_root, moe_root, out_root):
-    """Vanilla MoE with a megatron shared expert on every other layer, experts perturbed
-    as training would; returns its logits."""
+def perturbed_moe(dense_root, moe_root, out_root, gate=False):
+    """Vanilla MoE with a megatron shared expert on every other layer (upcycled with the
+    default split init: fc2 scaled by 1/(1+g)), experts perturbed as training would;
+    returns its logits."""
     from compress_helpers import batch, full_logits
 
     from ders_megatron.io.checkpoint import load_common, load_model, save_model
@@ -312,7 +314,7 @@ def perturbed_moe(dense_root, moe_root, out_root):
     from ders_megatron.convert.upcycle import UpcycleConfig, upcycle_checkpoint
 
     upcycle_checkpoint(dense_root, moe_root, UpcycleConfig(kind="vanilla", num_experts=4, shared_expert="full",
-                                                           moe_layer_freq=2))
+                                                           shared_expert_gate=gate, moe_layer_freq=2))
     args = load_common(moe_root)["args"]
     with model_parallel(seed=3):
         model = build(args)
@@ -353,3 +355,45 @@ def test_shared_expert_and_every_other_layer_moe(dist1, tmp_path, shared):
     if shared == "ders":  # extended DeRS: the shared expert is base + its own delta, no full FFN
         # 5 fp32 FFNs -> 1 fp32 base + 5 x (8-bit codes + fp32 scale/offset per 32-64 elements): x1.98
         assert report["after"]["moe_bytes"] < report["before"]["moe_bytes"] / 1.9
+
+
+@pytest.mark.parametrize("shared,gate", [("ders", False), ("full", True)], ids=["ders-shared", "full-shared-gate"])
+def test_dense_base_is_what_the_upcycler_started_from(dist1, tmp_path, shared, gate):
+    """Issue 14: the split shared-expert init scales routed and shared fc2 by 1/(1+g); the
+    dense base must carry that scale. Read as the dense FFN, every fc2 came out with relative
+    error ~3 and cosine ~0.31 to the original (dare:0.9), and the tool wrote it."""
+    from compress_helpers import save_dense
+
+    dist1.run(save_dense, str(tmp_path / "dense"), tiny_args())
+    dist1.run(perturbed_moe, str(tmp_path / "dense"), str(tmp_path / "moe0"), str(tmp_path / "moe"), gate)
+    report = dist1.run(run_compress, str(tmp_path / "moe"), str(tmp_path / "ders"), codecs="dare:0.9",
+                       dense_root=str(tmp_path / "dense"), shared_expert=shared)[0]
+    assert report["base"] == "dense" and report["shared_expert_init"] == "split" and report["shared_expert_init_inferred"]
+    assert report["fc2_scale"] == pytest.approx(2 / 3 if gate else 1 / 2)
+    assert len(report["layers"]) == (6 if shared == "ders" else 3)
+    for row in report["layers"]:
+        # The 1e-3 perturbations are ~2-8% of these weights (init std 0.05; fc2 0.025 x scale);
+        # DARE 0.9 keeps 10% of Δ times 10, an error of 3·||Δ|| (sqrt(p/(1-p))): cosine > 0.95.
+        assert row["delta_norm"] < 0.1, row
+        assert row["cosine_min"] > 0.95, row
+        assert row["rel_error"] < 0.3, row
+
+
+def test_refuses_deltas_too_large_for_fine_tuning(dist1, tmp_path):
+    """Against a wrong base (here: fc2 unscaled, --shared-expert-init copy, on a split MoE)
+    the deltas are ~100% of the weights: exit 2 naming the likely cause, nothing written;
+    --max-delta-norm lifts the guard."""
+    from compress_helpers import save_dense
+
+    dist1.run(save_dense, str(tmp_path / "dense"), tiny_args())
+    dist1.run(perturbed_moe, str(tmp_path / "dense"), str(tmp_path / "moe0"), str(tmp_path / "moe"))
+    argv = ["--load", str(tmp_path / "moe"), "--save", str(tmp_path / "out"), "--moe-ders-codecs", "dare:0.9",
+            "--dense", str(tmp_path / "dense"), "--shared-expert-init", "copy"]
+    code, _, stderr = dist1.run(cli, argv)[0]
+    assert code == 2, stderr
+    line = stderr.strip().splitlines()[-1]
+    assert "layer 0 routed fc2" in line and "wrong base" in line and "--shared-expert-init copy" in line, line
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+    code, _, stderr = dist1.run(cli, argv + ["--max-delta-norm", "2"])[0]
+    assert code == 0, stderr

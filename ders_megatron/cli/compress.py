@@ -7,10 +7,13 @@ import argparse
 
 from ders_megatron.cli.flags import add_codec_flags, add_debug_flag, add_seed_flag, add_shared_expert_flag, add_trust_flag
 from ders_megatron.convert.compress.pipeline import SHARED_MODES, CompressConfig, compress_checkpoint
+from ders_megatron.core.config import DEFAULTS
 from ders_megatron.convert.compress.report import format_report
 from ders_megatron.core.decomposition import BASES
 from ders_megatron.io.atomic import write_text_atomic
 from ders_megatron.io.errors import report_failure, user_failures
+from ders_megatron.io.checkpoint import CheckpointError
+from ders_megatron.io.upcycle_state import SHARED_INITS
 from ders_megatron.io.safe_load import trust_checkpoints
 
 
@@ -32,6 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "mean and fisher only when asked for")
     p.add_argument("--dense", default=None, metavar="DIR",
                    help="the dense checkpoint the MoE was upcycled from: the base (--base dense)")
+    p.add_argument("--shared-expert-init", choices=SHARED_INITS, default=None,
+                   help="--base dense: how tools/upcycle.py made the MoE's shared expert (split: routed and "
+                   "shared fc2 scaled by 1/(1+gate), its default; copy: unscaled), hence the fc2 base; "
+                   "default: read off the first MoE layer's weights")
+    p.add_argument("--max-delta-norm", type=float, default=DEFAULTS["max_delta_norm"], metavar="R",
+                   help="refuse, before writing, experts farther from the base than ||W_e - W_base|| / ||W_e|| "
+                   f"= R (default {DEFAULTS['max_delta_norm']}: fine-tuned experts stay within a few percent "
+                   "of their start, so a larger ratio means a wrong base)")
     add_seed_flag(p, "seed of DARE's kept positions")
     add_shared_expert_flag(p, choices=SHARED_MODES, default="full",
                            help_text="full keeps the checkpoint's shared expert (if any) as it is; ders folds it in.")
@@ -53,7 +64,8 @@ def main(argv=None) -> int:
     ns = build_parser().parse_args(argv)
     try:
         cfg = CompressConfig(
-            codecs=ns.moe_ders_codecs, base=ns.base, dense_root=ns.dense, seed=ns.moe_ders_seed,
+            codecs=ns.moe_ders_codecs, base=ns.base, dense_root=ns.dense, shared_expert_init=ns.shared_expert_init,
+            max_delta_norm=ns.max_delta_norm, seed=ns.moe_ders_seed,
             group_size=ns.moe_ders_quant_group_size, shared_expert=ns.moe_ders_shared_expert, calib_data=ns.calib_data, eval_data=ns.eval_data,
             seq_length=ns.seq_length, batch_size=ns.batch_size, calib_batches=ns.calib_batches,
             eval_batches=ns.eval_batches,

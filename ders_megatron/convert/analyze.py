@@ -101,8 +101,9 @@ def _setting(codec) -> float:
 
 
 @torch.no_grad()
-def _synthesize_into(model, codec_text, base, source, calibration, seed, group_size) -> None:
-    """Replace every MoE layer's expert weights by W_base + Δ̂_e (in place)."""
+def _synthesize_into(model, codec_text, base, dense_base, calibration, seed, group_size) -> None:
+    """Replace every MoE layer's expert weights by W_base + Δ̂_e (in place); ``dense_base``: the
+    :class:`~ders_megatron.convert.compress.pipeline.DenseBase` of ``--base dense``, else None."""
     from ders_megatron.core.decomposition import compress_experts, split_fc1
 
     gated = model.config.gated_linear_unit
@@ -115,10 +116,7 @@ def _synthesize_into(model, codec_text, base, source, calibration, seed, group_s
         fc1 = torch.stack([m.linear_fc1.weight for m in experts])
         fc2 = torch.stack([m.linear_fc2.weight for m in experts])
         weights = {**split_fc1(fc1, gated), "fc2": fc2}
-        given = base
-        if base == "dense":
-            given = {**split_fc1(source.dense_weight(g, "mlp.linear_fc1.weight", tuple(fc1.shape[1:])), gated),
-                     "fc2": source.dense_weight(g, "mlp.linear_fc2.weight", tuple(fc2.shape[1:]))}
+        given = base if dense_base is None else dense_base(g, weights, gated)
         result = compress_experts(weights, table, base=given, layer_number=layer.layer_number, seed=seed,
                                   calibration=(calibration or {}).get(layer.layer_number))
         for e, mlp in enumerate(experts):
@@ -134,7 +132,7 @@ def sweep(moe_root, codecs: list[str], *, base: str | None = None, dense_root=No
     """Held-out loss of the MoE with each codec's synthesized experts (module doc)."""
     from ders_megatron.io.checkpoint import load_model
     from ders_megatron.convert.compress.calibration import calibrate, evaluate, load_tokens, token_batches
-    from ders_megatron.convert.compress.pipeline import CompressConfig, LayerSource, read_moe_args
+    from ders_megatron.convert.compress.pipeline import CompressConfig, DenseBase, LayerSource, read_moe_args
     from ders_megatron.io.session import single_rank_megatron
     from ders_megatron.io.streaming import build_model, single_rank_args
 
@@ -143,7 +141,7 @@ def sweep(moe_root, codecs: list[str], *, base: str | None = None, dense_root=No
                               group_size=group_size).base
     with single_rank_megatron():
         args = read_moe_args(moe_root)
-        source = LayerSource(moe_root, dense_root if base == "dense" else None)
+        dense_base = DenseBase(LayerSource(moe_root, dense_root), args) if base == "dense" else None
         model = build_model(single_rank_args(args), None, meta=False, use_te=False)
         load_model(model, moe_root)
         seq = seq_length or args.seq_length
@@ -159,14 +157,15 @@ def sweep(moe_root, codecs: list[str], *, base: str | None = None, dense_root=No
         matrices = [(ffn, hidden)] * (2 if args.swiglu else 1) + [(hidden, ffn)]
         results = []
         for text in codecs:
-            _synthesize_into(model, text, base, source, calibration, seed, group_size)
+            _synthesize_into(model, text, base, dense_base, calibration, seed, group_size)
             codec = parse_codec(text, group_size)
             bits = sum(storage_bits(codec, o, i) for o, i in matrices)
             full = sum(32 * o * i for o, i in matrices)
             results.append({"codec": text, "setting": _setting(codec), **evaluate(model, batches),
                             "delta_bits_per_expert": bits, "expert_bits": full})
             model.load_state_dict(original, strict=False)
-    return {"base": base, "baseline": baseline, "results": results}
+    record = dense_base.record() if dense_base is not None else {}
+    return {"base": base, **record, "baseline": baseline, "results": results}
 
 
 def plot_sweep(result: dict, path) -> None:

@@ -54,6 +54,11 @@ DEFAULTS = dict(
     impl="dropin",  # --moe-ders-impl
     quant_group_size=128,  # --moe-ders-quant-group-size
     shared_expert="none",  # --moe-ders-shared-expert (training: what --moe-shared-expert-intermediate-size says)
+    # tools/compress.py --max-delta-norm: largest ||W_e - W_base|| / ||W_e|| of any expert matrix it
+    # accepts. Fine-tuned upcycled experts stay near their start (the paper, Fig. 1: cosine > 0.999 to
+    # the dense FFN, i.e. a ratio of ~0.05); 0.4 (cosine ~0.92) leaves 8x room for longer training,
+    # and still refuses a base off by the split shared-expert scale (ratio 0.5 with the gate, 1.0 without).
+    max_delta_norm=0.4,
 )
 
 CPU_MODE_HINT = (

@@ -126,20 +126,23 @@ def compress_experts(
 
 @torch.no_grad()
 def reconstruction_stats(experts_EOI: torch.Tensor, w_base: torch.Tensor, module) -> dict:
-    """Relative error ||Ŵ_e - W_e|| / ||W_e||, of the delta ||Δ̂_e - Δ_e|| / ||Δ_e||, and
-    cosine(Ŵ_e, W_e), over experts (one expert matrix synthesized at a time)."""
-    rel, delta_rel, cos = [], [], []
+    """Relative error ||Ŵ_e - W_e|| / ||W_e||, of the delta ||Δ̂_e - Δ_e|| / ||Δ_e||, the delta's
+    size ||Δ_e|| / ||W_e|| (the largest over experts) and cosine(Ŵ_e, W_e), over experts (one
+    expert matrix synthesized at a time)."""
+    rel, delta_rel, delta_norm, cos = [], [], [], []
     for e in range(experts_EOI.shape[0]):
         w = experts_EOI[e].float()
         approx = w_base + module.delta_weight(e).float()
         rel.append(((approx - w).norm() / w.norm().clamp_min(_TINY)).item())
         delta = w - w_base
         delta_rel.append(((approx - w).norm() / delta.norm().clamp_min(_TINY)).item())
+        delta_norm.append((delta.norm() / w.norm().clamp_min(_TINY)).item())
         cos.append(torch.nn.functional.cosine_similarity(approx.flatten(), w.flatten(), dim=0).item())
     return {
         "rel_error": max(rel),
         "rel_error_mean": sum(rel) / len(rel),
         "delta_rel_error": max(delta_rel),
+        "delta_norm": max(delta_norm),  # ||W_e - W_base|| / ||W_e||: how far the experts are from the base
         "cosine_min": min(cos),
         "cosine_mean": sum(cos) / len(cos),
     }

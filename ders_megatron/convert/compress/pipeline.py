@@ -39,6 +39,7 @@ from ders_megatron.core.config import (
     set_ders_args,
 )
 from ders_megatron.core.decomposition import BASES, MatrixCalibration, compress_experts, make_base, split_fc1
+from ders_megatron.io.upcycle_state import SHARED_INITS, shared_fc2_scale
 
 SHARED_MODES = ("full", "ders")  # --moe-ders-shared-expert values compression can produce
 
@@ -54,6 +55,8 @@ class CompressConfig:
     codecs: str  # --moe-ders-codecs, e.g. "dare:0.9" or "fc1:quant:4,fc2:svd:8"
     base: str | None = None  # --base: dense | mean | fisher; None: dense, which needs --dense (the paper's base)
     dense_root: str | None = None  # --dense
+    shared_expert_init: str | None = None  # --shared-expert-init: split | copy; None: read off the weights
+    max_delta_norm: float = DEFAULTS["max_delta_norm"]  # --max-delta-norm: refuse larger ||Δ_e|| / ||W_e||
     seed: int = DEFAULTS["seed"]  # --moe-ders-seed: DARE positions
     group_size: int = DEFAULTS["quant_group_size"]  # --moe-ders-quant-group-size
     shared_expert: str = "full"  # --moe-ders-shared-expert: full (kept as it is, if any) | ders (base + its own delta)
@@ -77,6 +80,11 @@ class CompressConfig:
             raise CompressError("--base dense needs --dense DIR (the checkpoint the MoE was upcycled from)")
         if self.base != "dense" and self.dense_root:
             raise CompressError(f"--dense is read only with --base dense, not --base {self.base}: drop one of them")
+        if self.shared_expert_init is not None and self.shared_expert_init not in SHARED_INITS:
+            raise CompressError(f"--shared-expert-init must be one of {SHARED_INITS}, got {self.shared_expert_init!r}")
+        if isinstance(self.max_delta_norm, bool) or not isinstance(self.max_delta_norm, (int, float)) \
+                or not self.max_delta_norm > 0:
+            raise CompressError(f"--max-delta-norm must be > 0, got {self.max_delta_norm!r}")
         if self.shared_expert not in SHARED_MODES:
             raise CompressError(f"--moe-ders-shared-expert must be one of {SHARED_MODES}, got {self.shared_expert!r}")
         if self.shared_expert == "ders" and self.base == "fisher":
@@ -118,10 +126,12 @@ def compressed_args(moe_args, cfg: CompressConfig, table: dict) -> argparse.Name
     return args
 
 
-def compression_record(cfg: CompressConfig) -> dict:
+def compression_record(cfg: CompressConfig, dense_base: "DenseBase | None" = None) -> dict:
     """What the compressed experts' base is (written into the output args and the report)."""
-    return {"base": cfg.base, "dense": None if cfg.base != "dense" else str(cfg.dense_root),
-            "codecs": cfg.codecs}
+    record = {"base": cfg.base, "dense": None if cfg.base != "dense" else str(cfg.dense_root), "codecs": cfg.codecs}
+    if dense_base is not None:
+        record.update(dense_base.record())
+    return record
 
 
 def read_moe_args(root) -> argparse.Namespace:
@@ -196,12 +206,83 @@ class LayerSource:
         return read_slices(self.dense.root, [request], self.dense.shapes)[0]
 
 
+def upcycle_fc2_scales(args) -> dict[str, float]:
+    """The fc2 scale the upcycler gives routed and shared experts, for each ``--shared-expert-init``
+    (:func:`ders_megatron.io.upcycle_state.shared_fc2_scale`): 1 without a shared expert."""
+    shared = "full" if getattr(args, "moe_shared_expert_intermediate_size", None) else "none"
+    gate = bool(getattr(args, "moe_shared_expert_gate", False))
+    return {init: shared_fc2_scale(shared, gate, init) for init in SHARED_INITS}
+
+
+class DenseBase:
+    """``--base dense``: per MoE layer, what the upcycler started every expert from.
+
+    That is the dense FFN, with fc2 scaled by 1/(1+g) when a shared expert was split in
+    (``--shared-expert-init split``, the upcycler's default; :mod:`ders_megatron.convert.upcycle`).
+    A trained checkpoint's args are the training run's, which do not say how it was
+    upcycled, so unless ``init`` (``--shared-expert-init``) says, the scale is read off the
+    first MoE layer: the candidate whose base is nearest the routed experts' fc2. Fine-tuning
+    moves experts by a few percent; the candidates differ by 50-100%.
+    """
+
+    def __init__(self, source: "LayerSource", args, init: str | None = None):
+        self.source, self.scales = source, upcycle_fc2_scales(args)
+        self.init, self.inferred = init, False
+        self.scaled = len(set(self.scales.values())) > 1  # a shared expert: split and copy differ
+        if not self.scaled:
+            self.init = self.init or "copy"
+
+    @property
+    def fc2_scale(self) -> float:
+        return self.scales[self.init]
+
+    def __call__(self, layer: int, weights: dict[str, torch.Tensor], gated: bool) -> dict[str, torch.Tensor]:
+        """matrix -> W_base [out, in] of one MoE layer; ``weights``: the experts' [E, out, in]."""
+        fc1_parts = [weights[m] for m in ("fc1_gate", "fc1_up", "fc1") if m in weights]
+        fc1_shape = (sum(w.shape[1] for w in fc1_parts), fc1_parts[0].shape[2])  # [F·g, H]
+        fc1 = self.source.dense_weight(layer, "mlp.linear_fc1.weight", fc1_shape)
+        fc2 = self.source.dense_weight(layer, "mlp.linear_fc2.weight", tuple(weights["fc2"].shape[1:]))  # [H, F]
+        if self.init is None:
+            self.init, self.inferred = self._nearest_init(weights["fc2"], fc2), True
+        scaled = fc2 if self.fc2_scale == 1.0 else (fc2.float() * self.fc2_scale).to(fc2.dtype)  # as the upcycler rounds
+        return {**split_fc1(fc1, gated), "fc2": scaled}
+
+    def _nearest_init(self, fc2_EOI: torch.Tensor, dense_OI: torch.Tensor) -> str:
+        distance = {init: (fc2_EOI.float() - scale * dense_OI.float()).norm().item() for init, scale in self.scales.items()}
+        return min(distance, key=distance.get)
+
+    def record(self) -> dict:
+        return {"fc2_scale": self.fc2_scale if self.init else None, "shared_expert_init": self.init,
+                "shared_expert_init_inferred": self.inferred}
+
+
+def check_delta_norms(stats: dict, layer: int, owner: str, cfg: CompressConfig, dense_base=None) -> None:
+    """Refuse deltas that fine-tuning cannot have made (``--max-delta-norm``): the base is wrong."""
+    for matrix, values in stats.items():
+        if values["delta_norm"] <= cfg.max_delta_norm:
+            continue
+        if dense_base is not None:
+            cause = f"is --dense {cfg.dense_root} the checkpoint this MoE was upcycled from"
+            if dense_base.scaled:
+                cause += (f", and was its fc2 scaled x{dense_base.fc2_scale:.4g} (--shared-expert-init "
+                          f"{dense_base.init}{', read off the weights' if dense_base.inferred else ''})")
+            cause += "?"
+        else:
+            cause = f"were these experts upcycled from one FFN? (--base {cfg.base})"
+        raise CompressError(
+            f"layer {layer} {owner} {matrix}: ||W_e - W_base|| / ||W_e|| = {values['delta_norm']:.3f} is above "
+            f"--max-delta-norm {cfg.max_delta_norm:g} (fine-tuned experts stay within a few percent of their "
+            f"start): wrong base? {cause} Nothing written.")
+
+
 class _LayerCompressor:
     """Compress one MoE layer at a time (the plan visits layers in order)."""
 
-    def __init__(self, source: LayerSource, cfg: CompressConfig, table, gated: bool, shared: bool, calibration):
+    def __init__(self, source: LayerSource, cfg: CompressConfig, table, gated: bool, shared: bool, calibration,
+                 dense_base: DenseBase | None = None):
         self.source, self.cfg, self.table, self.gated, self.shared = source, cfg, table, gated, shared
         self.calibration = calibration or {}
+        self.dense_base = dense_base
         self.stats: dict[int, dict] = {}
         self._layer: tuple[int, object, object] | None = None
 
@@ -219,12 +300,8 @@ class _LayerCompressor:
         return {**split_fc1(fc1, self.gated), "fc2": fc2}
 
     def _base(self, layer, weights, shared_weights):
-        if self.cfg.base == "dense":
-            fc1_parts = [weights[m] for m in ("fc1_gate", "fc1_up", "fc1") if m in weights]
-            fc1_shape = (sum(w.shape[1] for w in fc1_parts), fc1_parts[0].shape[2])  # [F·g, H]
-            fc1 = self.source.dense_weight(layer, "mlp.linear_fc1.weight", fc1_shape)
-            fc2 = self.source.dense_weight(layer, "mlp.linear_fc2.weight", tuple(weights["fc2"].shape[1:]))
-            return {**split_fc1(fc1, self.gated), "fc2": fc2}
+        if self.dense_base is not None:
+            return self.dense_base(layer, weights, self.gated)
         if shared_weights is None:
             return self.cfg.base  # mean / fisher over the routed experts
         # Extended DeRS: one base over the N routed experts and the shared one.
@@ -237,10 +314,12 @@ class _LayerCompressor:
         base = self._base(layer, weights, shared_weights)
         routed = compress_experts(weights, self.table, base=base, layer_number=layer + 1, seed=self.cfg.seed,
                                   calibration=calib)
+        check_delta_norms(routed.stats, layer, "routed", self.cfg, self.dense_base)
         shared = None
         if shared_weights is not None:
             shared = compress_experts(shared_weights, self.table, base=routed.base, layer_number=layer + 1,
                                       seed=self.cfg.seed, expert_ids=[next(iter(weights.values())).shape[0]])
+            check_delta_norms(shared.stats, layer, "shared", self.cfg, self.dense_base)
         self.stats[layer] = {"routed": routed.stats, **({"shared": shared.stats} if shared else {})}
         return routed, shared
 
@@ -300,6 +379,11 @@ class _Values:
 # --------------------------------------------------------------------------- #
 # Entry point
 # --------------------------------------------------------------------------- #
+def first_moe_layer(model) -> int:
+    """0-based global index of the model's first MoE layer."""
+    return next(layer.layer_number - 1 for layer in model.decoder.layers if hasattr(layer.mlp, "experts"))
+
+
 def _check_matrices(args, table) -> None:
     for matrix, (out, inp) in expert_matrices_of(args).items():
         try:
@@ -382,7 +466,11 @@ def compress_checkpoint(moe_root, out_root, cfg: CompressConfig, *, force: bool 
         ders = ders_config_from_args(out_args)
         target = build_model(single_rank_args(out_args), ders, use_te=False)
         plan = plan_in_layout(plan_model(target), impl_of(out_args))
-        compressor = _LayerCompressor(source, cfg, table, target.config.gated_linear_unit, shared, calibration)
+        dense_base = DenseBase(source, args, cfg.shared_expert_init) if cfg.base == "dense" else None
+        compressor = _LayerCompressor(source, cfg, table, target.config.gated_linear_unit, shared, calibration,
+                                      dense_base)
+        compressor.get(first_moe_layer(target))  # the base checked (and the fc2 scale read) before any write
+        out_args.ders_compression = compression_record(cfg, dense_base)
         with atomic_output_dir(out_root, force=force) as tmp:
             write_release(tmp, plan, _Values(plan, source, compressor), release_common(out_args),
                           file_bytes or DEFAULT_FILE_BYTES)
@@ -391,8 +479,9 @@ def compress_checkpoint(moe_root, out_root, cfg: CompressConfig, *, force: bool 
             evaluation["after"] = evaluate(model, _batches(cfg.eval_data, args, cfg, cfg.eval_batches))
             del model
     report = build_report(moe_root, out_root, cfg, table, compressor.stats, evaluation)
+    report.update(dense_base.record() if dense_base is not None else {})
     report["seconds"] = time.perf_counter() - start
     return report
 
 
-__all__ = ["CompressConfig", "CompressError", "MatrixCalibration", "compress_checkpoint"]
+__all__ = ["CompressConfig", "CompressError", "DenseBase", "MatrixCalibration", "compress_checkpoint"]

@@ -69,7 +69,12 @@ def base_text(report: dict) -> str:
     """The base in words: ``dense (FFN of DIR)``, ``mean`` or ``fisher``."""
     if report["base"] != "dense":
         return report["base"]
-    return f"dense (the FFN of {report['dense']})"
+    scale = report.get("fc2_scale")
+    if scale is None or report.get("shared_expert_init") is None or scale == 1.0 and not report.get("shared_expert_init_inferred"):
+        return f"dense (the FFN of {report['dense']})"
+    how = "read off the weights" if report.get("shared_expert_init_inferred") else "--shared-expert-init"
+    return (f"dense (the FFN of {report['dense']}, fc2 x{scale:.4g} as the upcycler's "
+            f"{report['shared_expert_init']} shared-expert init: {how})")
 
 
 def format_report(report: dict) -> str:
@@ -90,10 +95,11 @@ def format_report(report: dict) -> str:
                              f"({ev[when]['tokens']} tokens)")
         if "relative_loss_change" in ev:
             lines.append(f"  relative loss change: {100 * ev['relative_loss_change']:+.2f}%")
-    lines.append(f"  {'layer':>5} {'owner':>7} {'matrix':>9} {'rel.err':>9} {'Δ rel.err':>10} {'cos min':>9} {'cos mean':>9}")
+    lines.append(f"  {'layer':>5} {'owner':>7} {'matrix':>9} {'|Δ|/|W|':>9} {'rel.err':>9} {'Δ rel.err':>10} "
+                 f"{'cos min':>9} {'cos mean':>9}")
     for row in report["layers"]:
         lines.append(
-            f"  {row['layer']:>5} {row['owner']:>7} {row['matrix']:>9} {row['rel_error']:>9.2e} "
+            f"  {row['layer']:>5} {row['owner']:>7} {row['matrix']:>9} {row['delta_norm']:>9.2e} {row['rel_error']:>9.2e} "
             f"{row['delta_rel_error']:>10.3f} {row['cosine_min']:>9.6f} {row['cosine_mean']:>9.6f}"
         )
     return "\n".join(lines)
