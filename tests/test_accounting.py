@@ -23,6 +23,7 @@ import pytest
 from ders_megatron.core.accounting import (
     PAPER_MODELS,
     DeltaSpec,
+    QuantSpec,
     MoEShape,
     added_parameters,
     ffn_matrices,
@@ -46,10 +47,20 @@ def SM(p):  # noqa: N802 - the paper's DeRS-SM (and DeRS-Sparsification: same st
     return DeltaSpec(kind="sparse", drop_rate=p)
 
 
+def Q(bits):  # noqa: N802 - the paper's DeRS-Quantization, counted as it counts (no scales)
+    return QuantSpec(bits=bits)
+
+
 def _row(table, model, delta, printed, *, shared=None, slack=ROUNDS, marks=()):
     ext = "-ext" if shared == "ders" else ""
     return pytest.param(model, shared, delta, printed, slack, marks=marks,
                         id=f"{table}-{model}{ext}-{delta.label.replace(' ', '')}")
+
+
+def _quant_sweep(table, model, printed_by_bits, *, univ="", shared=None, one_low=()):
+    """A DeRS-Quantization table: one row per bit width (16 prints the uncompressed model)."""
+    return [_row(table, model, Q(k), univ + printed, shared=shared, slack=ONE_LOW if k in one_low else ROUNDS)
+            for k, printed in printed_by_bits.items()]
 
 
 def _sweep(table, model, printed_by_p, *, univ="", shared=None, one_low=()):
@@ -126,6 +137,18 @@ PAPER_ROWS = [
     *_sweep("S17", "coder-moe", {0.2: "2.60B", 0.4: "1.95B", 0.6: "1.30B", 0.8: "0.65B",
                                  0.9: "0.32B", 0.99: "0.03B"}, univ="0.81B+",
             one_low=(0.9,)),  # 325,032,288
+    # DeRS-Quantization (S12 extended, S14/S16/S18 experts only): N k-bit deltas counted as
+    # N * W * k / 16 sixteen-bit parameters, plus the router; the per-group scales are not
+    # in the paper's counts (QuantSpec(scale_overhead=True) adds them).
+    *_quant_sweep("S12", "med-moe-stablelm", {8: "1.04B", 4: "0.52B", 2: "0.26B", 1: "0.13B"}, shared="ders"),
+    *_quant_sweep("S12", "med-moe-phi", {8: "2.10B", 4: "1.05B", 2: "0.52B", 1: "0.26B"}, shared="ders",
+                  one_low=(2,)),  # 525,271,040
+    *_quant_sweep("S14", "moe-llava-stablelm", {8: "0.83B", 4: "0.42B", 2: "0.21B", 1: "0.10B"}),
+    *_quant_sweep("S14", "moe-llava-qwen", {8: "0.81B", 4: "0.41B", 2: "0.20B", 1: "0.10B"}),
+    *_quant_sweep("S14", "moe-llava-phi", {8: "1.68B", 4: "0.84B", 2: "0.42B", 1: "0.21B"}),
+    *_quant_sweep("S16", "med-moe-stablelm", {8: "0.83B", 4: "0.42B", 2: "0.21B", 1: "0.10B"}, univ="0.42B+"),
+    *_quant_sweep("S16", "med-moe-phi", {8: "1.68B", 4: "0.84B", 2: "0.42B", 1: "0.21B"}, univ="0.84B+"),
+    *_quant_sweep("S18", "coder-moe", {8: "1.62B", 4: "0.81B", 2: "0.41B", 1: "0.20B"}, univ="0.81B+"),
 ]
 
 
@@ -299,6 +322,7 @@ PARAM_REPORT_FLAGS = {
     "--num-layers", "--moe-layer-freq", "--num-experts", "--moe-router-topk", "--swiglu",
     "--add-bias-linear", "--disable-bias-linear", "--moe-ders-shared-expert", "--moe-router-noisy-gate",
     "--moe-ders", "--moe-ders-rank", "--moe-ders-drop-rate", "--compare", "--dtype", "--json", "--debug",
+    "--moe-ders-quant-group-size",
 }
 
 
@@ -316,10 +340,15 @@ def test_param_report_compare_writes_json(tmp_path, capsys):
         assert label in table
     assert "1.20M" in table and "MoE layers: 12 of 24" in table
     payload = json.loads(out.read_text())
+    quant = [f"quant {k}-bit{scales}" for k in (8, 4, 2, 1) for scales in ("", " +scales/128")]
     assert [v["label"] for v in payload["variants"]] == [
         "vanilla", "lowrank r=1", "lowrank r=4", "lowrank r=16",
-        "sparse p=0.9", "sparse p=0.99", "sparse p=0.9999"]
+        "sparse p=0.9", "sparse p=0.99", "sparse p=0.9999", *quant]
     assert payload["variants"][1]["added_params"] == 1_204_224
+    by_label = {v["label"]: v for v in payload["variants"]}
+    assert by_label["quant 4-bit"]["added_params"] == 4 * 415_236_096 / 4 + 12 * 4 * 2048
+    # groups of 128: an fp32 scale and offset each, 0.5 bit per value on top of 4
+    assert by_label["quant 4-bit +scales/128"]["added_params"] == 4 * 415_236_096 * 4.5 / 16 + 12 * 4 * 2048
     assert payload["shape"]["moe_layer_freq"] == 2
 
 
@@ -352,3 +381,23 @@ def test_param_report_script_and_torch_free_import(tmp_path):
     run = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 0, run.stderr
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("rows, cols, group", [(5632, 2048, 128), (2048, 5632, 128), (64, 96, 32), (7, 24, 8)])
+def test_quant_scale_overhead_is_what_the_compressor_stores(rows, cols, group, bits):
+    """QuantSpec(scale_overhead=True) counts the bits core/codecs.py's storage_bits gives for the
+    codec tools/compress.py writes (packed code rows, fp32 scale and offset per group); without
+    the overhead, exactly k bits per value."""
+    from ders_megatron.core.codecs import storage_bits
+    from ders_megatron.core.config import parse_codec
+
+    stored = storage_bits(parse_codec(f"quant:{bits}", group), rows, cols)
+    assert QuantSpec(bits=bits, group_size=group, scale_overhead=True).matrix_bits(rows, cols) == stored
+    assert QuantSpec(bits=bits, group_size=group).matrix_bits(rows, cols) == rows * cols * bits
+
+
+def test_quant_rows_reject_a_group_that_does_not_divide_the_rows():
+    shape = dataclasses.replace(PAPER_MODELS["moe-llava-stablelm"], hidden_size=2000)
+    with pytest.raises(ValueError, match="--moe-ders-quant-group-size 128 must divide"):
+        added_parameters(shape, QuantSpec(bits=4, scale_overhead=True))

@@ -25,9 +25,12 @@ from ders_megatron.core.accounting import (
     AccountingReport,
     DeltaSpec,
     MoEShape,
+    QuantSpec,
     added_parameters,
     comparison_variants,
+    quant_variants,
 )
+from ders_megatron.core.config import DEFAULTS
 from ders_megatron.io.atomic import write_text_atomic
 from ders_megatron.io.errors import report_failure, user_failures
 
@@ -73,8 +76,12 @@ def _add_shape_flags(p: argparse.ArgumentParser) -> None:
 def _add_delta_flags(p: argparse.ArgumentParser) -> None:
     add_kind_flags(p, kinds=DELTA_KINDS)
     p.add_argument("--compare", action="store_true",
-                   help="instead of --moe-ders, print vanilla, lowrank r=1/4/16 and sparse "
-                   "p=0.9/0.99/0.9999 side by side")
+                   help="instead of --moe-ders, print vanilla, lowrank r=1/4/16, sparse "
+                   "p=0.9/0.99/0.9999 and DeRS-Quantization 8/4/2/1-bit (paper Tables S12-S18: "
+                   "as the paper counts, and with the per-group scales tools/compress.py stores) side by side")
+    p.add_argument("--moe-ders-quant-group-size", type=int, default=DEFAULTS["quant_group_size"],
+                   help="quantized rows of --compare: values per fp32 scale (default "
+                   f"{DEFAULTS['quant_group_size']})")
 
 
 _SHAPE_ARGS = {  # MoEShape field <- argparse dest
@@ -101,9 +108,10 @@ def shape_from_args(args: argparse.Namespace) -> MoEShape:
     return MoEShape(**fields)
 
 
-def deltas_from_args(args: argparse.Namespace) -> tuple[DeltaSpec, ...]:
+def deltas_from_args(args: argparse.Namespace) -> tuple[DeltaSpec | QuantSpec, ...]:
     if args.compare:
-        return comparison_variants()
+        return comparison_variants() + quant_variants(group_size=args.moe_ders_quant_group_size,
+                                                      dtype_bytes=DTYPE_BYTES[args.dtype])
     values = kind_values(args)
     rank = args.moe_ders_rank if args.moe_ders != "lowrank" else values["rank"]
     drop_rate = args.moe_ders_drop_rate if args.moe_ders != "sparse" else values["drop_rate"]

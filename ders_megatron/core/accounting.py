@@ -36,10 +36,17 @@ Choices, each forced by the paper's own numbers (see tests/test_accounting.py):
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from ders_megatron.core.config import DELTA_KINDS as DERS_DELTA_KINDS
-from ders_megatron.core.config import SHARED_EXPERTS, LowRankDeltaConfig, SparseDeltaConfig
+from ders_megatron.core.config import (
+    DEFAULTS,
+    SHARED_EXPERTS,
+    LowRankDeltaConfig,
+    QuantDeltaConfig,
+    SparseDeltaConfig,
+)
 
 SHARED_EXPERT_KINDS = SHARED_EXPERTS
 DELTA_KINDS = ("vanilla", *DERS_DELTA_KINDS)  # --moe-ders values the accounting counts (not codec)
@@ -50,6 +57,8 @@ INT32_MAX = 2**31 - 1
 # The side-by-side set `param_report --compare` prints (paper's typical settings).
 COMPARE_RANKS = (1, 4, 16)
 COMPARE_DROP_RATES = (0.9, 0.99, 0.9999)
+COMPARE_QUANT_BITS = (8, 4, 2, 1)  # DeRS-Quantization, paper Tables S12, S14, S16, S18
+QUANT_SCALE_BITS = 32  # tools/compress.py stores each group's scale (and offset, k >= 2) in fp32
 
 
 def _require_int(value, flag: str, minimum: int) -> None:
@@ -273,6 +282,55 @@ class DeltaSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class QuantSpec:
+    """DeRS-Quantization: every unit's delta (W_e - W_dense of a trained vanilla MoE) stored
+    in ``bits`` bits per value (paper Tables S12, S14, S16, S18).
+
+    Counted, as the paper counts, in parameters of the model's dtype (``dtype_bytes``; the
+    paper's 16-bit): a k-bit delta of a [rows, cols] matrix is ``rows * cols * k / 16``
+    parameters, so N experts add ``N * W * k / 16`` (Med-MoE-StableLM, 4 bits: 0.42B). That
+    leaves out what a quantizer must also store; with ``scale_overhead`` the count is what
+    ``tools/compress.py`` writes (``core/codecs.py`` ``storage_bits``): each row's codes
+    padded to whole bytes, and per group of ``group_size`` values of a row an fp32 scale
+    plus, for k >= 2, an fp32 offset (0.5 bit per value at k >= 2 with groups of 128).
+    """
+
+    bits: int
+    group_size: int = DEFAULTS["quant_group_size"]  # --moe-ders-quant-group-size
+    scale_overhead: bool = False
+    dtype_bytes: int = 2
+
+    kind = "quant"
+    is_ders = True
+
+    def __post_init__(self):
+        QuantDeltaConfig(bits=self.bits, group_size=self.group_size)  # the config's checks (name the flag)
+        _require_int(self.dtype_bytes, "dtype_bytes", 1)
+
+    @property
+    def label(self) -> str:
+        return f"quant {self.bits}-bit" + (f" +scales/{self.group_size}" if self.scale_overhead else "")
+
+    def matrix_bits(self, rows: int, cols: int) -> int:
+        """Stored bits of one expert's delta of one [rows, cols] matrix."""
+        if not self.scale_overhead:
+            return rows * cols * self.bits
+        group = QuantDeltaConfig(bits=self.bits, group_size=self.group_size).group(cols)
+        per_group = QUANT_SCALE_BITS * (1 if self.bits == 1 else 2)  # scale (+ offset)
+        return 8 * rows * -(-cols * self.bits // 8) + rows * (cols // group) * per_group
+
+    def matrix_params(self, rows: int, cols: int) -> float:
+        """The same in parameters of ``dtype_bytes`` (fractional)."""
+        return self.matrix_bits(rows, cols) / (8 * self.dtype_bytes)
+
+    def check_fits(self, shape: MoEShape) -> None:
+        DeltaSpec(kind="dense").check_fits(shape)
+        if self.scale_overhead:
+            for _rows, cols in shape.expert_matrices:
+                QuantDeltaConfig(bits=self.bits, group_size=self.group_size).group(cols)
+
+
+@dataclass(frozen=True, kw_only=True)
 class LayerBreakdown:
     """Added parameters of one MoE layer, by where they live."""
 
@@ -303,7 +361,7 @@ class AccountingReport:
     routed_added_params: int  # added_params - universal_ffn_params (paper's right-hand number)
     active_params_per_token: int  # stored MoE-layer values one token reads, all MoE layers
     dtype_bytes: int
-    added_bytes: int
+    added_bytes: int  # DeRS-Quantization (QuantSpec): fractional parameters, whole bytes
     sparse_seed_bytes: int  # positions as one 8-byte seed per matrix (0 unless sparse)
     sparse_index_bytes: int  # positions as explicit int32 index vectors (0 unless sparse)
 
@@ -362,9 +420,11 @@ def _sparse_position_bytes(shape: MoEShape, delta: DeltaSpec) -> tuple[int, int]
 
 
 def added_parameters(
-    shape: MoEShape, delta: DeltaSpec, *, dtype_bytes: int = 2
+    shape: MoEShape, delta: DeltaSpec | QuantSpec, *, dtype_bytes: int = 2
 ) -> AccountingReport:
-    """Count what ``delta`` adds to the dense model of ``shape``, as the DeRS paper does."""
+    """Count what ``delta`` adds to the dense model of ``shape``, as the DeRS paper does.
+
+    With a :class:`QuantSpec` the counts are in parameters of its ``dtype_bytes`` (floats)."""
     _require_int(dtype_bytes, "dtype_bytes", 1)
     delta.check_fits(shape)
     layers = shape.num_moe_layers
@@ -387,7 +447,7 @@ def added_parameters(
         routed_added_params=added - universal,
         active_params_per_token=active,
         dtype_bytes=dtype_bytes,
-        added_bytes=added * dtype_bytes,
+        added_bytes=math.ceil(added * dtype_bytes),
         sparse_seed_bytes=seed * layers,
         sparse_index_bytes=index * layers,
     )
@@ -400,6 +460,13 @@ def comparison_variants(
     lowrank = tuple(DeltaSpec(kind="lowrank", rank=r) for r in ranks)
     sparse = tuple(DeltaSpec(kind="sparse", drop_rate=p) for p in drop_rates)
     return (DeltaSpec(kind="vanilla"),) + lowrank + sparse
+
+
+def quant_variants(bits=COMPARE_QUANT_BITS, *, group_size: int = DEFAULTS["quant_group_size"],
+                   dtype_bytes: int = 2) -> tuple[QuantSpec, ...]:
+    """DeRS-Quantization at each bit width, as the paper counts it and with the scales stored."""
+    return tuple(QuantSpec(bits=k, group_size=group_size, scale_overhead=overhead, dtype_bytes=dtype_bytes)
+                 for k in bits for overhead in (False, True))
 
 
 # The paper's upcycled models (dims from each dense model's Hugging Face config).
