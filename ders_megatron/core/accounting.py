@@ -13,7 +13,8 @@ DeRS group (``shared_expert="ders"``, the paper's "extended DeRS"):
   dense weight, so it adds nothing) + ``units`` deltas of ``W``;
 * a ``shared_expert="full"`` universal FFN (Med-MoE, Coder-MoE) is one more
   full copy, reported apart (the paper's light-gray "0.42B + ..." part);
-* the router: ``hidden x num_experts``, no bias (twice that with a noisy gate).
+* the router: ``hidden x num_experts``, no bias (twice that with a noisy gate); megatron's
+  router adds an ``[num_experts]`` bias with ``--add-bias-linear`` (``router_bias``).
 
 Choices, each forced by the paper's own numbers (see tests/test_accounting.py):
 
@@ -110,6 +111,9 @@ class MoEShape:
     shared_expert: str = "none"  # none | full (universal FFN) | ders (base + its own delta)
     moe_ffn_hidden_size: int | None = None  # --moe-ffn-hidden-size, default ffn_hidden_size
     noisy_gate: bool = False  # router has a second hidden x num_experts noise projection
+    # megatron's router has an [E] bias with --add-bias-linear (transformer/moe/router.py:64);
+    # the paper's routers (DeepSpeed-MoE's gate) have none, so its counts leave it out
+    router_bias: bool = False
 
     def __post_init__(self):
         _require_int(self.hidden_size, "--hidden-size", 1)
@@ -176,8 +180,10 @@ class MoEShape:
 
     @property
     def router_params(self) -> int:
-        """Megatron's router: one [num_experts, hidden] matrix, no bias (x2 for a noisy gate)."""
-        return (2 if self.noisy_gate else 1) * self.hidden_size * self.num_experts
+        """The router: one [num_experts, hidden] matrix (x2 for a noisy gate), plus megatron's
+        [num_experts] bias when ``router_bias``."""
+        return (2 if self.noisy_gate else 1) * self.hidden_size * self.num_experts + (
+            self.num_experts if self.router_bias else 0)
 
     @property
     def units(self) -> int:

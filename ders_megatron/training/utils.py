@@ -372,7 +372,7 @@ def accounting_shape(args):
         hidden_size=args.hidden_size, ffn_hidden_size=ffn, moe_ffn_hidden_size=ffn,
         num_layers=args.num_layers, num_experts=args.num_experts,
         moe_layer_freq=args.moe_layer_freq, topk=args.moe_router_topk, gated=args.swiglu,
-        bias=args.add_bias_linear, shared_expert=shared,
+        bias=args.add_bias_linear, shared_expert=shared, router_bias=args.add_bias_linear,
     )
 
 
