@@ -92,6 +92,26 @@ def save_dense(root, args, layout: dict | None = None, seed: int = 3):
         return full_logits(model, batch())
 
 
+def save_dense_with_biases(root, args, layout: dict | None = None, seed: int = 3):
+    """:func:`save_dense` with non-zero biases (``args.add_bias_linear``): megatron initialises
+    biases to zero, which would make copying them unobservable. Returns the logits."""
+    import torch
+
+    from ders_megatron.io.checkpoint import save_model
+    from ders_megatron.testing.distributed import model_parallel
+
+    layout = layout or {}
+    with model_parallel(**layout, seed=seed):
+        model = build(args, layout, ders=None)
+        gen = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("bias"):
+                    param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+        save_model(model, root, args=args_at(args, **layout))
+        return full_logits(model, batch())
+
+
 # --------------------------------------------------------------------------- #
 # Real text and a tiny training loop
 # --------------------------------------------------------------------------- #

@@ -37,6 +37,7 @@ FROZEN_FLAGS = (
     "--moe-ders-quant-group-size",
     "--moe-ders-rank",
     "--moe-ders-seed",
+    "--moe-ders-shared-bias",  # issue 14: experts own their biases unless this is given
     "--moe-ders-shared-expert",
     "--moe-ders-upcycle-from",
     "--trust-checkpoint",  # issue 19: the opt-out of the checkpoint allow-lists
@@ -225,3 +226,24 @@ def test_mismatch_reads_the_stored_spellings():
 def test_gpu_features_that_ders_supports_pass(flags):
     assert ders_config_from_args(parse(flags)).kind == "lowrank"
 
+
+
+def test_experts_own_biases_unless_old_checkpoint_or_shared_bias_flag():
+    """Issue 14: with --add-bias-linear a run builds per-expert biases; a checkpoint written
+    before (no moe_ders_expert_bias in its args) keeps the shared base bias, and --load of it
+    names the flag that builds its layout."""
+    import argparse
+
+    from ders_megatron.core.config import ders_config_from_args, mismatched_ders_flags
+
+    biased = [a for a in MOE if a != "--disable-bias-linear"]
+    run = parse("--moe-ders lowrank", base=biased)
+    assert run.add_bias_linear and ders_config_from_args(run).expert_bias
+    shared = parse("--moe-ders lowrank --moe-ders-shared-bias", base=biased)
+    assert not ders_config_from_args(shared).expert_bias
+    old = argparse.Namespace(**{k: v for k, v in vars(run).items() if k != "moe_ders_expert_bias"})
+    assert not ders_config_from_args(old).expert_bias
+    assert mismatched_ders_flags(run, old) == ["--moe-ders-shared-bias: run False, checkpoint True"]
+    assert mismatched_ders_flags(shared, old) == []
+    no_bias = parse("--moe-ders lowrank")  # without biases the flag changes nothing
+    assert not ders_config_from_args(no_bias).expert_bias

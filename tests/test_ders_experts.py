@@ -19,7 +19,7 @@ KINDS = {
 ATOL, RTOL = 1e-5, 1e-4
 
 
-def reference_equivalence(kind, overrides, dispatcher, extended_shared=False):
+def reference_equivalence(kind, overrides, dispatcher, extended_shared=False, expert_bias=False):
     from ders_megatron.testing.distributed import model_parallel
     from ders_megatron.testing.models import tiny_config
     from ders_megatron.testing.reference import (
@@ -28,7 +28,8 @@ def reference_equivalence(kind, overrides, dispatcher, extended_shared=False):
 
     with model_parallel():
         config = tiny_config(moe_token_dispatcher_type=dispatcher, **overrides)
-        ders_layer, vanilla = build_moe_layers(config, DeRSConfig(delta=KINDS[kind], extended_shared_expert=extended_shared))
+        ders_layer, vanilla = build_moe_layers(config, DeRSConfig(delta=KINDS[kind], extended_shared_expert=extended_shared,
+                                                                  expert_bias=expert_bias))
         randomize_deltas(ders_layer)
         load_synthesized(ders_layer, vanilla)
         x = torch.randn(8, 2, config.hidden_size, generator=torch.Generator().manual_seed(0))
@@ -64,6 +65,18 @@ def reference_equivalence(kind, overrides, dispatcher, extended_shared=False):
 )
 def test_dropin_equals_synthesized_sequential_mlp(dist1, kind, overrides):
     dist1.run(reference_equivalence, kind, overrides, "alltoall")
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("gated", [False, True], ids=["gelu", "swiglu"])
+def test_own_expert_biases_equal_sequential_mlp_biases(dist1, kind, gated):
+    """Issue 14: with expert_bias each expert owns its fc1/fc2 bias (the paper's count); the
+    layer equals SequentialMLP whose experts carry those biases, outputs and every gradient
+    (experts.biases.fc1/fc2 included: randomize_deltas makes them differ per expert)."""
+    overrides = dict(add_bias_linear=True)
+    if not gated:
+        overrides.update(gated_linear_unit=False, activation_func=torch.nn.functional.gelu)
+    dist1.run(reference_equivalence, kind, overrides, "alltoall", False, True)
 
 
 def test_dropin_equals_reference_under_allgather(dist1):

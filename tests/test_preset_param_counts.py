@@ -73,13 +73,9 @@ def count_added(shape, delta) -> int:
 
 @pytest.mark.parametrize("delta", VARIANTS, ids=lambda d: d.label.replace(" ", ""))
 @pytest.mark.parametrize("name", sorted(SHAPES))
-def test_built_model_adds_what_param_report_counts(dist1, request, name, delta):
+def test_built_model_adds_what_param_report_counts(dist1, name, delta):
     shape = SHAPES[name]
     if delta.kind == "vanilla" and shape.shared_expert == "ders":
         pytest.skip("the extended shared expert is a DeRS kind")
-    if shape.bias and delta.is_ders:  # strict: passes once experts get their own biases
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "open (issue 14): DeRS experts share the base's one bias; the paper counts one per expert, "
-            "(units - 1) x (fc1 + fc2 bias) per MoE layer more than the built model")))
     expected = added_parameters(shape, delta).added_params
     assert dist1.run(count_added, shape, delta)[0] == expected

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from compress_helpers import batch, build, full_logits, save_dense, tiny_args
+from compress_helpers import batch, build, full_logits, save_dense, save_dense_with_biases, tiny_args
 
 # float32 logits O(1). With renormalised top-k, Σ_k p_k = 1 up to one rounding, so the
 # MoE output is the dense FFN output to a few ulps; TP/EP layouts add partial sums in
@@ -288,3 +288,32 @@ def test_moe_args_carry_the_training_flag_names(dense_args):
     assert args.moe_shared_expert_intermediate_size == 64 and args.moe_ders_shared_expert == "ders"
     ders = ders_config_from_args(args)  # what the training script will build
     assert ders.delta.drop_rate == 0.9 and ders.seed == 7 and ders.extended_shared_expert
+
+
+# --------------------------------------------------------------------------- #
+# Per-expert biases (issue 14)
+# --------------------------------------------------------------------------- #
+def checkpoint_keys(root):
+    from ders_megatron.io.checkpoint import tensor_shapes
+
+    return set(tensor_shapes(root))
+
+
+def test_dense_biases_become_each_experts_own(dist1, dist2, tmp_path):
+    """A dense model with biases upcycles to DeRS experts that each own a copy of the dense
+    fc1/fc2 bias (experts.biases.*, no shared base bias), as the paper counts them: the MoE
+    still equals the dense model at every layout with expert-TP 1, and the in-memory
+    upcycle fills the same values."""
+    args = tiny_args(add_bias_linear=True)
+    dense_root = tmp_path / "dense"
+    dense_logits = dist2.run(save_dense_with_biases, str(dense_root), args, dict(tp=2))[0]
+    out = tmp_path / "moe"
+    dist1.run(run_upcycle, str(dense_root), str(out), kind="lowrank", num_experts=4, rank=2)
+    keys = checkpoint_keys(out)
+    assert {k for k in keys if ".experts.biases." in k} == {f"decoder.layers.mlp.experts.biases.{m}" for m in ("fc1", "fc2")}
+    assert not {k for k in keys if ".experts.linear_fc" in k and k.endswith(".bias")}
+    for logits in dist2.run(load_logits, str(out), [dict(), dict(ep=2), dict(tp=2, ep=2, etp=1)])[0]:
+        torch_assert_close(logits, dense_logits)
+    logits, counts = dist2.run(in_memory_matches_offline, str(dense_root), str(out), dict(tp=2, ep=2, etp=1))[0]
+    torch_assert_close(logits, dense_logits)
+    assert counts["per_expert"] == 2 * 2  # fc1 and fc2 of 2 MoE layers

@@ -20,6 +20,8 @@ routed experts (vanilla)         full copies of the dense FFN (``SequentialMLP``
                                  keys ``mlp.experts.experts.linear_fc*``)
 DeRS base ``mlp.experts.linear*`` the dense FFN; deltas as the DeRS layer
                                  initialises them (zero B / values / Δ, seeded A)
+DeRS own biases                  ``mlp.experts.biases.fc1/fc2`` [E, out]: the dense
+                                 bias in every expert's row (``--add-bias-linear``)
 router                           N(0, std²), seeded by (seed, layer)
 shared expert (``full``)         a copy of the dense FFN (megatron's keys)
 shared expert (``ders``)         the routed base plus its own zero delta
@@ -243,6 +245,10 @@ class _Values:
         if source.what == "copy":
             request = self.dense.request(layer, source.suffix, (0,) * len(shape), shape)
             value = self.cache.get(request)
+            return value if source.scale == 1.0 else (value.float() * source.scale).to(value.dtype)
+        if source.what == "per_expert":  # [experts, out]: the dense bias in every expert's row
+            request = self.dense.request(layer, source.suffix, (0,) * (len(shape) - 1), shape[1:])
+            value = self.cache.get(request).unsqueeze(0).expand(shape).clone()
             return value if source.scale == 1.0 else (value.float() * source.scale).to(value.dtype)
         if source.what == "router":
             return router_weight(shape[0], shape[1], layer + 1, self.cfg.seed, self.std, dtype)

@@ -407,6 +407,10 @@ class DeRSConfig:
     extended_shared_expert: bool = False
     impl: str = DEFAULTS["impl"]
     kernel_tile: int | None = None
+    # With --add-bias-linear: every expert owns its fc1/fc2 bias (as the paper counts them,
+    # core/accounting.py) instead of sharing the base's one. False reads checkpoints written
+    # before (their args lack moe_ders_expert_bias); the tools and training turn it on.
+    expert_bias: bool = False
 
     def __post_init__(self):
         if self.impl not in IMPLS:
@@ -435,6 +439,7 @@ FLAG_DESTS = {
     "--moe-ders-codecs": "moe_ders_codecs",
     "--moe-ders-quant-group-size": "moe_ders_quant_group_size",
     "--moe-ders-upcycle-from": "moe_ders_upcycle_from",
+    "--moe-ders-shared-bias": "moe_ders_expert_bias",
 }
 
 
@@ -461,6 +466,13 @@ def expert_matrices_of(args) -> dict[str, tuple[int, int]]:
     """[out, in] of each delta matrix of the MoE that ``args`` describe."""
     ffn = getattr(args, "moe_ffn_hidden_size", None) or args.ffn_hidden_size
     return delta_matrices(args.hidden_size, ffn, bool(getattr(args, "swiglu", False)))
+
+
+def expert_bias_of(args) -> bool:
+    """Whether the experts own their biases: only with ``--add-bias-linear``, and not in
+    checkpoints written before per-expert biases (no ``moe_ders_expert_bias`` in their args)
+    or with ``--moe-ders-shared-bias``."""
+    return bool(getattr(args, "add_bias_linear", False)) and bool(getattr(args, "moe_ders_expert_bias", False))
 
 
 def ders_config_from_args(args) -> DeRSConfig | None:
@@ -491,6 +503,7 @@ def ders_config_from_args(args) -> DeRSConfig | None:
             freeze_base=bool(getattr(args, "moe_ders_freeze_base", False)),
             extended_shared_expert=shared_expert_of(args) == "ders",
             impl=_get(args, "moe_ders_impl", DEFAULTS["impl"]),
+            expert_bias=expert_bias_of(args),
         )
     except DeRSArgumentError:
         raise
@@ -522,6 +535,7 @@ def ders_args(kind: str = DEFAULTS["kind"], *, rank: int | None = None, alpha: f
         "moe_ders_shared_expert": shared_expert,
         "moe_ders_codecs": codecs,
         "moe_ders_quant_group_size": quant_group_size,
+        "moe_ders_expert_bias": True,  # what the tools write; with --add-bias-linear, own biases
     }
 
 
@@ -539,6 +553,8 @@ def _model_settings(args) -> dict[str, object]:
     if kind == "vanilla":
         return settings
     settings["--moe-ders-shared-expert"] = shared_expert_of(args)
+    if getattr(args, "add_bias_linear", False):
+        settings["--moe-ders-shared-bias"] = not expert_bias_of(args)
     if kind == "lowrank":
         settings["--moe-ders-rank"] = _get(args, "moe_ders_rank", DEFAULTS["rank"])
         settings["--moe-ders-alpha"] = getattr(args, "moe_ders_alpha", None)

@@ -43,9 +43,10 @@ def shared_fc2_scale(shared_expert: str, gate: bool, init: str) -> float:
 # --------------------------------------------------------------------------- #
 @dataclass(frozen=True)
 class Source:
-    """``copy``: dense ``suffix`` (scaled); ``router``/``zeros``/``keep``: initialised."""
+    """``copy``: dense ``suffix`` (scaled); ``per_expert``: dense ``suffix`` copied into every
+    expert's row (own biases, ``experts.biases.*``); ``router``/``zeros``/``keep``: initialised."""
 
-    what: str  # copy | router | zeros | keep
+    what: str  # copy | per_expert | router | zeros | keep
     suffix: str = ""
     scale: float = 1.0
 
@@ -69,6 +70,10 @@ def source_of(key_suffix: str, dense_suffixes: set[str], fc2_scale: float = 1.0)
         return Source("keep")  # the DeRS layer's own deterministic initialisation
     if key_suffix == "mlp.shared_experts.gate_weight":
         return Source("zeros")
+    if key_suffix.startswith("mlp.experts.biases."):  # each expert's own bias: the dense one
+        which = key_suffix.rsplit(".", 1)[1]
+        scale = fc2_scale if which == "fc2" else 1.0
+        return Source("per_expert", f"mlp.linear_{which}.bias", scale)
     dense = _dense_name(key_suffix)
     if dense is not None:
         scale = fc2_scale if dense.startswith("mlp.linear_fc2.") else 1.0
@@ -191,8 +196,8 @@ def upcycle_state_into_model(dense_root, model, *, seed: int | None = None, rout
     fc2_scale = shared_fc2_scale(shared, gate, shared_expert_init)
     dense = DenseSource(dense_root)
     read_dense_args(dense_root)
-    requests, targets, scales = [], [], []
-    counts = {"copy": 0, "router": 0, "zeros": 0, "keep": 0}
+    requests, targets, scales, per_expert = [], [], [], []
+    counts = {"copy": 0, "per_expert": 0, "router": 0, "zeros": 0, "keep": 0}
     for chunk in chunks:
         sharded = chunk.sharded_state_dict()
         apply_factories(sharded)
@@ -213,6 +218,9 @@ def upcycle_state_into_model(dense_root, model, *, seed: int | None = None, rout
                 requests.append(dense.request(layer, source.suffix, offsets, st.local_shape))
                 targets.append(st.data)
                 scales.append(source.scale)
+            elif source.what == "per_expert":  # [local experts, out] <- the dense [out], every row
+                offsets, shape = st.global_offset[st.prepend_axis_num + 1:], st.local_shape[1:]
+                per_expert.append((dense.request(layer, source.suffix, offsets, shape), st.data, source.scale))
             elif source.what == "router":
                 full = router_weight(config.num_moe_experts, config.hidden_size, layer + 1, seed, std, st.data.dtype)
                 st.data.copy_(full[tuple(slice(o, o + s) for o, s in zip(st.global_offset[st.prepend_axis_num:], st.local_shape))])
@@ -222,6 +230,12 @@ def upcycle_state_into_model(dense_root, model, *, seed: int | None = None, rout
     for data, scale in zip(targets, scales):
         if scale != 1.0:
             data.mul_(scale)
+    if per_expert:  # own biases: small, read apart and copied into every expert's row
+        values = read_slices(dense_root, [request for request, _, _ in per_expert], dense.shapes)
+        for (_, data, scale), value in zip(per_expert, values):
+            data.copy_(value.unsqueeze(0).expand_as(data))
+            if scale != 1.0:
+                data.mul_(scale)
     return counts
 
 

@@ -66,7 +66,9 @@ class DeRSExperts(MegatronModule):
         first = self.placement.ep_rank * num_local_experts
         self.expert_ids = list(range(first, first + num_local_experts))
         self.layer = 0
+        self.own_bias = bool(ders.expert_bias and config.add_bias_linear)
         self._build_base(config, pg_collection, use_te, name)
+        self.biases = self._build_expert_biases(config) if self.own_bias else None
         self.deltas = torch.nn.ModuleDict(
             {
                 matrix: build_deltas(
@@ -99,7 +101,7 @@ class DeRSExperts(MegatronModule):
             config=config,
             init_method=config.init_method,
             gather_output=False,
-            bias=config.add_bias_linear,
+            bias=config.add_bias_linear and not self.own_bias,
             skip_bias_add=True,
             is_expert=True,
             tp_comm_buffer_name="fc1",
@@ -111,7 +113,7 @@ class DeRSExperts(MegatronModule):
             config.hidden_size,
             config=config,
             init_method=config.output_layer_init_method,
-            bias=config.add_bias_linear,
+            bias=config.add_bias_linear and not self.own_bias,
             input_is_parallel=True,
             skip_bias_add=True,
             is_expert=True,
@@ -122,6 +124,27 @@ class DeRSExperts(MegatronModule):
         mark_base(base, self.placement)
         for param in base:
             param.requires_grad_(not self.ders.freeze_base)
+
+    def _build_expert_biases(self, config) -> torch.nn.ParameterDict:
+        """Each local expert's own fc1 [F·g] and fc2 [H] bias, zero until loaded (upcycling
+        copies the dense bias into each, compression each vanilla expert's): the paper counts a
+        bias per expert (core/accounting.py). Placed as the deltas are (EP on axis 0)."""
+        if self.placement.etp_size > 1:
+            raise ValueError(
+                "per-expert biases (--add-bias-linear) need --expert-tensor-parallel-size 1; or pass "
+                "--moe-ders-shared-bias (one bias in the shared base)")
+        fc1_out = config.moe_ffn_hidden_size * (2 if config.gated_linear_unit else 1)
+        biases = torch.nn.ParameterDict({
+            "fc1": torch.nn.Parameter(torch.zeros(self.num_local_experts, fc1_out, dtype=config.params_dtype)),
+            "fc2": torch.nn.Parameter(torch.zeros(self.num_local_experts, config.hidden_size, dtype=config.params_dtype)),
+        })
+        mark_deltas(biases.parameters(), self.placement)
+        return biases
+
+    def expert_bias_rows(self, which: str, counts: list[int]) -> torch.Tensor:
+        """[T, out] of the own ``fc1``/``fc2`` bias of each row's expert (rows grouped by expert)."""
+        bias_EO = self.biases[which]  # [experts, out]
+        return torch.repeat_interleave(bias_EO, torch.tensor(counts, device=bias_EO.device), dim=0)
 
     def _slices_of_base_shard(self, config) -> dict[str, tuple[slice | None, slice | None]]:
         """(rows, cols) of each full delta matrix that this rank's base shard covers."""
@@ -211,8 +234,8 @@ class DeRSExperts(MegatronModule):
         return self.forward_unfused(dispatched_input, tokens_per_expert, permuted_probs)
 
     def uses_lowrank_kernel(self) -> bool:
-        """Low-rank deltas, SwiGLU, probabilities applied after the activation."""
-        return lowrank_swiglu_applies(self) and not self.config.moe_apply_probs_on_input
+        """Low-rank deltas, SwiGLU, probabilities applied after the activation, no own biases."""
+        return lowrank_swiglu_applies(self) and not self.config.moe_apply_probs_on_input and not self.own_bias
 
     def forward_unfused(self, dispatched_input, tokens_per_expert, permuted_probs):
         """Every delta kind and activation: base GEMMs over all rows, delta terms per expert."""
@@ -228,13 +251,17 @@ class DeRSExperts(MegatronModule):
         fc1_TF = fc1_TF + self.delta_terms(x_TH, counts, fc1_matrices)
         if fc1_bias is not None:
             fc1_TF = fc1_TF + fc1_bias
+        if self.own_bias:
+            fc1_TF = fc1_TF + self.expert_bias_rows("fc1", counts)
         h_TF = self.activation(fc1_TF)
         h_TF = (h_TF * probs_T.unsqueeze(-1)).to(h_TF.dtype)
 
         out_TH, fc2_bias = self.linear_fc2(h_TF)
         out_TH = out_TH + self.delta_terms(h_TF, counts, ("fc2",))
+        if self.own_bias:
+            fc2_bias = self.expert_bias_rows("fc2", counts)  # [T, H]
         if fc2_bias is not None:
-            out_TH = out_TH + fc2_bias.unsqueeze(0) * probs_T.unsqueeze(-1)
+            out_TH = out_TH + fc2_bias * probs_T.unsqueeze(-1)
         return out_TH, None
 
     def backward_dw(self) -> None:
@@ -257,6 +284,12 @@ class DeRSExperts(MegatronModule):
         sharded = {}
         sharded.update(self._base_sharded_state_dict(prefix, sharded_offsets, metadata))
         p = self.placement
+        for name, bias in (self.biases or {}).items():  # own biases: a global experts axis in front
+            key = f"{prefix}biases.{name}"
+            sharded[key] = ShardedTensor.from_rank_offsets(
+                key, bias, *sharded_offsets, (len(sharded_offsets), p.ep_rank, p.ep_size),
+                replica_id=(0, p.etp_rank, self.expt_dp_group.rank()), prepend_axis_num=len(sharded_offsets),
+            )
         for matrix, deltas in self.deltas.items():
             for name, tensor in deltas.state_dict(prefix="", keep_vars=True).items():
                 key = f"{prefix}deltas.{matrix}.{name}"

@@ -103,6 +103,9 @@ class FusedDeRSMoELayer(DeRSMoELayer):
             name=name,
         )
         self.ders = ders
+        if self.experts.own_bias:
+            raise ValueError("per-expert biases (--add-bias-linear) are not in the fused layer: use "
+                             "--moe-ders-impl dropin, or --moe-ders-shared-bias (one bias in the shared base)")
         p = self.experts.placement
         log_single_rank(
             logger,

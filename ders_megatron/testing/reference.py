@@ -41,20 +41,20 @@ def randomize_deltas(ders_layer, scale: float = 0.05, seed: int = 0) -> None:
     """Non-zero deltas (and base biases) so the comparison exercises every term."""
     gen = torch.Generator().manual_seed(seed)
     for name, param in ders_layer.named_parameters():
-        if ".deltas." in f".{name}" or name.startswith("experts.") and name.endswith("bias"):
+        if ".deltas." in f".{name}" or ".biases." in name or name.startswith("experts.") and name.endswith("bias"):
             param.copy_(torch.randn(param.shape, generator=gen) * scale)
 
 
 @torch.no_grad()
 def load_synthesized(ders_layer, vanilla) -> None:
-    """Each SequentialMLP expert gets W_base + Δ_e (and the shared base bias); the shared
+    """Each SequentialMLP expert gets W_base + Δ_e (and the shared base bias, or its own); the shared
     expert gets W_base + Δ_shared (extended DeRS) or a copy of megatron's own."""
     experts = ders_layer.experts
     for e, mlp in enumerate(vanilla.experts.local_experts):
         for key, weight in experts.synthesized_weights(e).items():
             mlp.get_parameter(key).copy_(weight)
-        for linear in ("linear_fc1", "linear_fc2"):
-            bias = getattr(experts.get_submodule(linear), "bias", None)
+        for linear, own in (("linear_fc1", "fc1"), ("linear_fc2", "fc2")):
+            bias = experts.biases[own][e] if experts.own_bias else getattr(experts.get_submodule(linear), "bias", None)
             if bias is not None:
                 mlp.get_submodule(linear).bias.copy_(bias)
     shared = ders_layer.shared_experts
@@ -103,7 +103,9 @@ def expected_grads(ders_layer, vanilla) -> dict[str, torch.Tensor]:
     for linear in ("linear_fc1", "linear_fc2"):
         expected[f"experts.{linear}.weight"] = sum(m.get_submodule(linear).weight.grad for m in base_users)
         biases = [getattr(m.get_submodule(linear), "bias", None) for m in mlps]
-        if biases[0] is not None:
+        if biases[0] is not None and experts.own_bias:  # each expert's own: [E, out]
+            expected[f"experts.biases.{linear[-3:]}"] = torch.stack([b.grad for b in biases])
+        elif biases[0] is not None:
             expected[f"experts.{linear}.bias"] = sum(b.grad for b in biases)
     per_expert = [_weight_grads(mlp, gated) for mlp in mlps]
     for matrix, deltas in experts.deltas.items():

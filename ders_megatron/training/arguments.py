@@ -82,6 +82,10 @@ def add_ders_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--moe-ders-impl", choices=IMPLS, default=None,
                        help=f"dropin: megatron's MoELayer with DeRS experts (default {DEFAULTS['impl']}); "
                        "fused: base GEMM shared across experts (ders_megatron.layers.fused).")
+    group.add_argument("--moe-ders-shared-bias", dest="moe_ders_expert_bias", action="store_false",
+                       help="with --add-bias-linear: the experts share the base's one bias, as checkpoints "
+                       "written before per-expert biases (default: every expert owns its fc1/fc2 bias, as "
+                       "the DeRS paper counts them)")
     group.add_argument("--moe-ders-freeze-base", action="store_true",
                        help="Train the deltas only: the shared base stays as loaded.")
     group.add_argument("--moe-ders-shared-expert", choices=SHARED_EXPERTS, default=None,

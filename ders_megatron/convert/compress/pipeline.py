@@ -6,6 +6,8 @@ upcycled from. Output: a DeRS release checkpoint whose experts are the base
 plus compressed deltas, which DeRSExperts runs for inference and can keep
 training (bases, routers, scales, values, factors train; codes and indices are
 fixed). Streaming as upcycling is: one MoE layer's experts of one matrix at a time.
+With ``--add-bias-linear`` each expert keeps its own trained fc1/fc2 bias
+(``experts.biases.*``; the paper counts a bias per expert and does not compress it).
 
 The output args say how to rebuild the model: ``moe_ders`` is ``sparse``
 (``dare:P``) or ``lowrank`` (``svd:R``/``wsvd:R``) when every matrix uses that
@@ -149,8 +151,6 @@ def read_moe_args(root) -> argparse.Namespace:
         raise CompressError(
             f"{root} is {kind}: compression needs a trained vanilla MoE (megatron SequentialMLP experts)"
         )
-    if args.add_bias_linear:
-        raise CompressError(f"{root}: expert biases (--add-bias-linear) are not delta-encoded; not supported")
     if getattr(args, "moe_grouped_gemm", False):
         raise CompressError(f"{root}: grouped-GEMM expert checkpoints are not supported; save with SequentialMLP")
     return args
@@ -347,6 +347,9 @@ class _Values:
                 return routed.base["fc2"]
             parts = ("fc1_gate", "fc1_up") if "fc1_gate" in routed.base else ("fc1",)
             return torch.cat([routed.base[m] for m in parts])
+        if suffix.startswith("mlp.experts.biases."):  # own biases: each vanilla expert's, as trained
+            which = suffix.rsplit(".", 1)[1]
+            return self.source.read(layer, f"mlp.experts.experts.linear_{which}.bias")
         if ".deltas." in suffix:
             owner, _, rest = suffix.partition(".deltas.")
             matrix, _, param = rest.partition(".")
