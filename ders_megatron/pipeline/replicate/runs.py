@@ -17,6 +17,7 @@ builder) in this process, at world size 1.
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -140,7 +141,10 @@ def compression_sweep(trained: Path, dense: Path, upcycled: Path, codecs, heldou
     results = {"none": {**checkpoint_size(trained), "file": None}}
     for codec in codecs:
         target = scratch / codec.replace(":", "-")
-        cfg = CompressConfig(codecs=codec, base="dense", dense_root=str(dense), seed=seed, shared_expert="full")
+        # The base is known here (this study upcycled the model from ``dense``): no guard against a
+        # wrong --dense; how far the experts moved is what the redundancy step reports.
+        cfg = CompressConfig(codecs=codec, base="dense", dense_root=str(dense), seed=seed, shared_expert="full",
+                             max_delta_norm=math.inf)
         compress_checkpoint(trained, target, cfg, force=True)
         model, _ = load(target)
         results[codec] = _score(model, heldout_N, seq_length, out / f"{codec.replace(':', '-')}.pt")
