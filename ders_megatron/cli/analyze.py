@@ -11,7 +11,6 @@ from ders_megatron.convert.analyze import expert_similarity, plot_similarity, pl
 from ders_megatron.core.config import DEFAULTS
 from ders_megatron.core.decomposition import BASES
 from ders_megatron.io.atomic import write_text_atomic
-from ders_megatron.io.checkpoint import CheckpointError
 from ders_megatron.io.errors import report_failure, user_failures
 from ders_megatron.io.safe_load import trust_checkpoints
 

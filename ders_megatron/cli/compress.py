@@ -12,7 +12,6 @@ from ders_megatron.convert.compress.report import format_report
 from ders_megatron.core.decomposition import BASES
 from ders_megatron.io.atomic import write_text_atomic
 from ders_megatron.io.errors import report_failure, user_failures
-from ders_megatron.io.checkpoint import CheckpointError
 from ders_megatron.io.upcycle_state import SHARED_INITS
 from ders_megatron.io.safe_load import trust_checkpoints
 
