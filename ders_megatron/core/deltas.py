@@ -14,6 +14,8 @@ Kinds (their config dataclasses, validated with errors that name the flag, are i
 * ``sparse`` (DeRS-SM): trainable values at a fixed random set of positions,
   density 1 - p; zero-initialised; positions derived from a seed plus
   (layer, expert, matrix), so checkpoints store the seed, not the indices.
+  Applied by sparse kernels (:mod:`ders_megatron.core.sparse_product`) over a
+  CSR index built once per device, never as a dense Δ (also ``magnitude``).
 * ``dense``: a full Δ_e (vanilla upcycling written as base + delta); the
   reference every light kind is tested against.
 
@@ -29,6 +31,8 @@ import math
 import numpy as np
 import torch
 from torch import nn
+
+from ders_megatron.core.sparse_product import SparseIndex, build_sparse_index, sparse_apply
 
 def derive_seed(seed: int, layer: int, expert: int, matrix: str) -> int:
     """A stable 63-bit seed for one (layer, global expert, matrix): same on every rank."""
@@ -144,73 +148,115 @@ class LowRankDeltas(ExpertDeltas):
         return (x @ a_RI.t()) @ b_OR.t() * self.scale  # [T, R] then [T, O']
 
 
-class SparseDeltas(ExpertDeltas):
-    """Values at K fixed positions per expert; positions re-derived from the seed."""
+class PositionDeltas(ExpertDeltas):
+    """Values at K fixed positions per expert (``sparse``/``dare``, ``magnitude``), applied
+    through :mod:`ders_megatron.core.sparse_product`: no dense [O, I] Δ in any product.
+
+    The positions of each (expert, slice) become a :class:`SparseIndex` once, on the
+    values' device (a model moved to another device rebuilds it there on its next
+    call); :meth:`prepare_index` builds them ahead (``DeRSExperts`` does at layer-number
+    set-up and the kinds do again after a load), so a training step does no host work,
+    no host-to-device copy and no device sync for them. Subclasses give the sorted
+    flat positions (:meth:`flat_positions`) and the key that changes with them
+    (:meth:`positions_key`).
+    """
 
     def __init__(self, config, expert_ids, out_features, in_features, *, seed, matrix, dtype):
         super().__init__(config, expert_ids, out_features, in_features, seed=seed, matrix=matrix, dtype=dtype)
         self.kept = config.kept(out_features, in_features)
         self.values = nn.Parameter(torch.zeros(self.num_experts, self.kept, dtype=dtype))  # [E, K]
-        # The seed is the checkpointed description of the positions (8 bytes).
+        self._indexes: dict[tuple, SparseIndex] = {}  # (expert, slice bounds) -> index
+        self._indexes_key: tuple | None = None  # positions_key() the cached indexes belong to
+        self._prepared: set[tuple] = set()  # slices (r0, r1, c0, c1) to rebuild eagerly
+
+    def flat_positions(self, expert: int) -> torch.Tensor:
+        """Sorted flat positions [K] in [0, O·I) of one local expert (any device)."""
+        raise NotImplementedError
+
+    def positions_key(self) -> tuple:
+        """Changes whenever the positions do (a cache key; no device sync)."""
+        raise NotImplementedError
+
+    def sparse_index(self, expert: int, rows=None, cols=None) -> SparseIndex:
+        """The CSR index of expert ``expert``'s kept entries inside Δ_e[rows, cols]."""
+        bounds = _as_slice(rows, self.out_features) + _as_slice(cols, self.in_features)
+        positions_key = self.positions_key()
+        if self._indexes_key != positions_key:  # positions changed: drop every stale index
+            self._indexes.clear()
+            self._indexes_key = positions_key
+        key = (expert, bounds)
+        index = self._indexes.get(key)
+        device = self.values.device
+        if index is None or index.device != device:
+            flat = self.flat_positions(expert).to(device)
+            index = build_sparse_index(flat, self.out_features, self.in_features, bounds[:2], bounds[2:])
+            self._indexes[key] = index
+        return index
+
+    def prepare_index(self, rows=None, cols=None) -> None:
+        """Build the indexes of every local expert for this slice now (and after each load)."""
+        self._prepared.add((rows, cols))
+        for e in range(self.num_experts):
+            self.sparse_index(e, rows, cols)
+
+    def _rebuild_indexes(self) -> None:
+        self._indexes.clear()
+        for rows, cols in self._prepared:
+            for e in range(self.num_experts):
+                self.sparse_index(e, rows, cols)
+
+    def positions(self, expert: int, rows=None, cols=None):
+        """(row, col, value index) of the kept entries inside Δ_e[rows, cols], slice-relative."""
+        index = self.sparse_index(expert, rows, cols)
+        value_index = index.value_index_K
+        if value_index is None:
+            value_index = torch.arange(index.nnz, device=index.device)
+        return index.row_K, index.col_K, value_index
+
+    def delta_weight(self, expert, rows=None, cols=None):
+        index = self.sparse_index(expert, rows, cols)
+        return index.dense(index.values(self.values[expert]))
+
+    def apply_delta(self, x, expert, rows=None, cols=None):
+        index = self.sparse_index(expert, rows, cols)
+        return sparse_apply(x, index.values(self.values[expert]), index)
+
+    def num_values(self) -> int:
+        return self.values.numel()
+
+
+class SparseDeltas(PositionDeltas):
+    """DeRS-SM: positions re-derived from the seed; a checkpoint stores the seed, not them.
+
+    The seed lives twice: the ``position_seed`` buffer (the checkpointed form, 8 bytes,
+    format unchanged) and a Python int read from it once per load, so no call reads a
+    device tensor back to the host.
+    """
+
+    def __init__(self, config, expert_ids, out_features, in_features, *, seed, matrix, dtype):
+        super().__init__(config, expert_ids, out_features, in_features, seed=seed, matrix=matrix, dtype=dtype)
         self.register_buffer("position_seed", torch.tensor([seed], dtype=torch.int64))
-        self._positions: dict[tuple, torch.Tensor] = {}
-        self._slices: dict[tuple, tuple] = {}
+        self.position_seed_value = int(seed)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         self.values.zero_()
-        self._positions.clear()
-        self._slices.clear()
+        self._rebuild_indexes()
 
-    def _derived_positions(self, expert: int) -> torch.Tensor:
-        """Sorted unique flat positions [K] in [0, O·I) for one local expert."""
-        seed = int(self.position_seed)
-        key = (seed, self.layer, expert)
-        if key not in self._positions:
-            expert_seed = derive_seed(seed, self.layer, self.expert_ids[expert], self.matrix)
-            flat = sample_unique(self.out_features * self.in_features, self.kept, expert_seed)
-            self._positions[key] = flat
-        return self._positions[key]
+    def positions_key(self) -> tuple:
+        return (self.position_seed_value, self.layer)
 
-    def positions(self, expert: int, rows=None, cols=None):
-        """(row, col, value index) of the kept entries inside Δ_e[rows, cols], slice-relative."""
-        r0, r1 = _as_slice(rows, self.out_features)
-        c0, c1 = _as_slice(cols, self.in_features)
-        key = (int(self.position_seed), self.layer, expert, r0, r1, c0, c1)
-        if key not in self._slices:
-            flat = self._derived_positions(expert)
-            row, col = flat // self.in_features, flat % self.in_features
-            inside = (row >= r0) & (row < r1) & (col >= c0) & (col < c1)
-            index = inside.nonzero().squeeze(1)
-            self._slices[key] = (row[index] - r0, col[index] - c0, index)
-        return self._slices[key]
-
-    def delta_weight(self, expert, rows=None, cols=None):
-        row, col, index = self.positions(expert, rows, cols)
-        r0, r1 = _as_slice(rows, self.out_features)
-        c0, c1 = _as_slice(cols, self.in_features)
-        dense = torch.zeros(r1 - r0, c1 - c0, dtype=torch.float32, device=self.values.device)
-        return dense.index_put((row.to(dense.device), col.to(dense.device)), self.values[expert, index].float())
-
-    def apply_delta(self, x, expert, rows=None, cols=None):
-        row, col, index = self.positions(expert, rows, cols)
-        r0, r1 = _as_slice(rows, self.out_features)
-        tokens = x.shape[0]
-        # Gathering costs T·K', a dense product T·O'·I': gather while it is cheaper.
-        if tokens * index.numel() > (r1 - r0) * x.shape[1]:
-            return super().apply_delta(x, expert, rows, cols)
-        device = x.device
-        contrib_TK = x[:, col.to(device)] * self.values[expert, index].to(x.dtype)
-        out_TO = x.new_zeros(tokens, r1 - r0)
-        return out_TO.index_add(1, row.to(device), contrib_TK)
+    def flat_positions(self, expert: int) -> torch.Tensor:
+        expert_seed = derive_seed(self.position_seed_value, self.layer, self.expert_ids[expert], self.matrix)
+        return sample_unique(self.out_features * self.in_features, self.kept, expert_seed)
 
     def index_bytes(self) -> int:
         return self.position_seed.numel() * 8
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._positions.clear()  # positions follow the loaded seed
-        self._slices.clear()
+        self.position_seed_value = int(self.position_seed.cpu()[0])  # once per load: positions follow it
+        self._rebuild_indexes()
 
 
 class DenseDeltas(ExpertDeltas):
@@ -312,14 +358,12 @@ class QuantDeltas(ExpertDeltas):
         return codes + sum(p.numel() for p in self.parameters() if p.dtype.is_floating_point)
 
 
-class IndexedSparseDeltas(ExpertDeltas):
-    """Values [E, K] (trainable) at sorted flat positions ``indices`` [E, K] (fixed)."""
+class IndexedSparseDeltas(PositionDeltas):
+    """Values [E, K] (trainable) at sorted flat positions ``indices`` [E, K] (fixed, stored)."""
 
     def __init__(self, config, expert_ids, out_features, in_features, *, seed, matrix, dtype):
         super().__init__(config, expert_ids, out_features, in_features, seed=seed, matrix=matrix, dtype=dtype)
-        self.kept = config.kept(out_features, in_features)
         index_dtype = torch.int32 if out_features * in_features <= 2**31 - 1 else torch.int64
-        self.values = nn.Parameter(torch.zeros(self.num_experts, self.kept, dtype=dtype))
         self.indices = nn.Parameter(
             torch.arange(self.kept, dtype=index_dtype, device=self.values.device).repeat(self.num_experts, 1), requires_grad=False
         )
@@ -328,36 +372,21 @@ class IndexedSparseDeltas(ExpertDeltas):
     def reset_parameters(self) -> None:
         self.values.zero_()
         self.indices.copy_(torch.arange(self.kept, dtype=self.indices.dtype, device=self.indices.device).expand_as(self.indices))
+        self._rebuild_indexes()
 
-    def positions(self, expert: int, rows=None, cols=None):
-        """(row, col, value index) of the kept entries inside Δ_e[rows, cols], slice-relative."""
-        r0, r1 = _as_slice(rows, self.out_features)
-        c0, c1 = _as_slice(cols, self.in_features)
-        flat = self.indices[expert].long()
-        row, col = flat // self.in_features, flat % self.in_features
-        index = ((row >= r0) & (row < r1) & (col >= c0) & (col < c1)).nonzero().squeeze(1)
-        return row[index] - r0, col[index] - c0, index
+    def positions_key(self) -> tuple:
+        # Every write to the indices (a load, a codec's encode) bumps the tensor's version.
+        return (id(self.indices), self.indices._version)
 
-    def delta_weight(self, expert, rows=None, cols=None):
-        row, col, index = self.positions(expert, rows, cols)
-        r0, r1 = _as_slice(rows, self.out_features)
-        c0, c1 = _as_slice(cols, self.in_features)
-        dense = torch.zeros(r1 - r0, c1 - c0, dtype=torch.float32, device=self.values.device)
-        return dense.index_put((row, col), self.values[expert, index].float())
-
-    def apply_delta(self, x, expert, rows=None, cols=None):
-        row, col, index = self.positions(expert, rows, cols)
-        r0, r1 = _as_slice(rows, self.out_features)
-        if x.shape[0] * index.numel() > (r1 - r0) * x.shape[1]:  # dense product is cheaper
-            return super().apply_delta(x, expert, rows, cols)
-        contrib_TK = x[:, col] * self.values[expert, index].to(x.dtype)
-        return x.new_zeros(x.shape[0], r1 - r0).index_add(1, row, contrib_TK)
-
-    def num_values(self) -> int:
-        return self.values.numel()
+    def flat_positions(self, expert: int) -> torch.Tensor:
+        return self.indices[expert]
 
     def index_bytes(self) -> int:
         return self.indices.numel() * self.indices.element_size()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._rebuild_indexes()
 
 
 _MODULES = {"lowrank": LowRankDeltas, "sparse": SparseDeltas, "dense": DenseDeltas, "quant": QuantDeltas,
