@@ -21,6 +21,8 @@ Two forms of the delta terms:
   ``O(T·k·R)``. The A factors of every expert are one GEMM (``[T, 2·E·R]``);
   the fc2 B side is one GEMM against the concatenated factors with the routing
   one-hot on the R-sized side (``[T, E·R] @ [E·R, H]``).
+* values-at-positions kinds (``sparse``, ``magnitude``) + SwiGLU: the same tiled
+  structure with sparse products, :mod:`ders_megatron.layers.sparse_compute`.
 * every other kind/activation, :func:`generic_expert_compute`: base once per
   token, deltas per expert on the pairs routed to it (``DeRSExperts``' own
   delta application over one sorted gather/scatter), autograd for the rest
@@ -34,6 +36,8 @@ from functools import cached_property
 
 import torch
 import torch.nn.functional as F
+
+from ders_megatron.layers.sparse_compute import sparse_swiglu_applies, sparse_swiglu_compute
 
 # Elements per [rows, F] scratch buffer of the low-rank kernel on CPU. Measured on
 # the whole layer (docs/benchmarks.md, 2-core Xeon, F = 4096, top-2): 256 rows beat
@@ -150,6 +154,13 @@ def _segments(counts: list[int], num_experts: int) -> list[tuple[int, int, int, 
     return out
 
 
+def dropin_sparse_swiglu(experts, dispatched_input, tokens_per_expert, permuted_probs, tile=None):
+    """The sparse-delta SwiGLU kernel on dispatched rows (each row one pair, one slot)."""
+    pairs = PairOrder.rows(tokens_per_expert, dispatched_input.device)
+    tile = kernel_tile(experts, dispatched_input, tile)
+    return sparse_swiglu_compute(experts, dispatched_input, pairs, permuted_probs.unsqueeze(1), tile)
+
+
 def dropin_lowrank_swiglu(experts, dispatched_input, tokens_per_expert, permuted_probs, tile=None):
     """The fused low-rank SwiGLU kernel on dispatched rows: ``DeRSExperts.forward``'s result.
 
@@ -169,6 +180,8 @@ def fused_expert_compute(experts, x_TH, idx_Tk, p_Tk, tile: int) -> torch.Tensor
     E = experts.num_local_experts
     if lowrank_swiglu_applies(experts):
         return lowrank_swiglu_compute(experts, x_TH, PairOrder.by_slot_and_expert(idx_Tk, E), p_Tk, tile)
+    if sparse_swiglu_applies(experts):
+        return sparse_swiglu_compute(experts, x_TH, PairOrder.by_slot_and_expert(idx_Tk, E), p_Tk, tile)
     return generic_expert_compute(experts, x_TH, PairOrder.by_expert(idx_Tk, E), p_Tk)
 
 

@@ -29,7 +29,9 @@ from megatron.core.transformer.utils import (
 
 from ders_megatron.core.config import DeRSConfig, delta_matrices
 from ders_megatron.core.deltas import build_deltas, derive_seed, merge_ffn
-from ders_megatron.layers.expert_compute import dropin_lowrank_swiglu, lowrank_swiglu_applies
+from ders_megatron.core.deltas import PositionDeltas
+from ders_megatron.layers.expert_compute import dropin_lowrank_swiglu, dropin_sparse_swiglu, lowrank_swiglu_applies
+from ders_megatron.layers.sparse_compute import sparse_swiglu_applies
 from ders_megatron.layers.placement import ExpertPlacement, mark_base, mark_deltas, tp_shard
 from ders_megatron.layers.shared_expert import DeRSSharedExpert
 
@@ -164,6 +166,14 @@ class DeRSExperts(MegatronModule):
         for deltas in self.deltas.values():
             deltas.set_layer_number(layer_number)
         self.reset_base_parameters()
+        self.prepare_sparse_indexes()
+
+    def prepare_sparse_indexes(self) -> None:
+        """Sparse kinds: build each expert's CSR index of this rank's slice now (rebuilt by the
+        delta modules after a load), so no forward derives positions or copies them."""
+        for matrix, deltas in self.deltas.items():
+            if isinstance(deltas, PositionDeltas):
+                deltas.prepare_index(*self.base_slices[matrix])
 
     @torch.no_grad()
     def reset_base_parameters(self) -> None:
@@ -231,11 +241,20 @@ class DeRSExperts(MegatronModule):
                 self, dispatched_input, tokens_per_expert, permuted_probs, self.ders.kernel_tile
             )
             return out_TH, None
+        if self.uses_sparse_kernel():
+            out_TH = dropin_sparse_swiglu(
+                self, dispatched_input, tokens_per_expert, permuted_probs, self.ders.kernel_tile
+            )
+            return out_TH, None
         return self.forward_unfused(dispatched_input, tokens_per_expert, permuted_probs)
 
     def uses_lowrank_kernel(self) -> bool:
         """Low-rank deltas, SwiGLU, probabilities applied after the activation, no own biases."""
         return lowrank_swiglu_applies(self) and not self.config.moe_apply_probs_on_input and not self.own_bias
+
+    def uses_sparse_kernel(self) -> bool:
+        """Values-at-positions deltas (sparse, magnitude), SwiGLU, probabilities after the activation."""
+        return sparse_swiglu_applies(self) and not self.config.moe_apply_probs_on_input
 
     def forward_unfused(self, dispatched_input, tokens_per_expert, permuted_probs):
         """Every delta kind and activation: base GEMMs over all rows, delta terms per expert."""

@@ -49,6 +49,7 @@ from megatron.core.utils import log_single_rank
 
 from ders_megatron.layers.expert_compute import fused_expert_compute, kernel_tile, lowrank_swiglu_applies, routed_slots
 from ders_megatron.layers.experts import DeRSMoELayer
+from ders_megatron.layers.sparse_compute import sparse_swiglu_applies
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +114,13 @@ class FusedDeRSMoELayer(DeRSMoELayer):
             f"DeRS fused MoE layer: all {config.num_moe_experts} experts' deltas on every rank, no "
             f"token dispatch; expert parallelism unused (EP=1); base "
             + (f"sharded over TP={p.tp_size} (SP gather / reduce-scatter)" if p.base_sharded else "whole on each rank")
-            + f"; {'low-rank SwiGLU kernel' if lowrank_swiglu_applies(self.experts) else 'generic delta path'}.",
+            + f"; {self._kernel_name()}.",
         )
+
+    def _kernel_name(self) -> str:
+        if lowrank_swiglu_applies(self.experts):
+            return "low-rank SwiGLU kernel"
+        return "sparse SwiGLU kernel" if sparse_swiglu_applies(self.experts) else "generic delta path"
 
     def forward(self, hidden_states, intermediate_tensors=None, padding_mask=None):
         """hidden_states [S, B, H] (S/tp under SP) -> ([S, B, H], None), as ``MoELayer.forward``."""

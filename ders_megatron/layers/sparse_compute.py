@@ -1,0 +1,197 @@
+"""The sparse-delta SwiGLU kernel (DeRS-SM, ``dare``, ``magnitude``): the low-rank
+kernel's structure with sparse products in place of the rank-R terms.
+
+Base fc1 and fc2 run once per token through megatron's linears (outside the kernel,
+as in :mod:`ders_megatron.layers.expert_compute`); the (token, slot) pairs, grouped
+by expert (a ``PairOrder``: ``token_P``, ``order_P``, ``segments``), go through in
+tiles of ``tile`` rows. Per tile of expert e (Δ as CSR, :mod:`ders_megatron.core.sparse_product`)::
+
+    g = base_g[tok] + (Δg_e @ xᵀ)ᵀ ;  u = base_u[tok] + (Δu_e @ xᵀ)ᵀ ;  h = silu(g)·u
+    hbar[tok] += p·h                       (fc2's base input, Σ_s p_s h_s)
+    dout[tok] += p·(Δ2_e @ hᵀ)ᵀ            (fc2's delta term, Σ_s p_s Δ2_e h_s)
+
+The backward recomputes g, u, h tile by tile (no ``[T·k, F]`` tensor is kept, the
+layer saves what a dense SwiGLU MLP saves plus x) and uses, with
+``G = dhbar[tok] + (Δ2_eᵀ @ ddoutᵀ)ᵀ``: ``dp = h·G``, ``dh = p·G``, then dg/du by the
+SwiGLU derivative, ``dx[tok] += (Δg_eᵀ dgᵀ + Δu_eᵀ duᵀ)ᵀ`` and the values' gradients
+as sampled products at the kept positions only.
+
+It imports nothing of the low-rank kernel's module (which calls into this one).
+Shapes: ``T`` tokens, ``H`` hidden, ``F`` this rank's FFN columns, ``P`` pairs, ``n`` a tile's pairs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ders_megatron.core.deltas import PositionDeltas
+from ders_megatron.core.sparse_product import delta_t_times, delta_times, sampled_grad, sparse_dtype
+
+MATRICES = ("fc1_gate", "fc1_up", "fc2")
+
+
+def sparse_swiglu_applies(experts) -> bool:
+    """Every delta a values-at-positions kind, SwiGLU without clamp/offset."""
+    config = experts.config
+    return (
+        all(isinstance(experts.deltas[m], PositionDeltas) for m in MATRICES if m in experts.deltas)
+        and config.gated_linear_unit
+        and config.activation_func is F.silu
+        and config.activation_func_clamp_value is None
+        and not config.glu_linear_offset
+    )
+
+
+def sparse_swiglu_compute(experts, x_TH, pairs, p_Tk, tile: int) -> torch.Tensor:
+    """Σ_s p_s · expert_{e_s}(x) for every token: [T, H] (a partial sum over TP when sharded)."""
+    deltas = experts.deltas
+    indexes = [
+        tuple(deltas[m].sparse_index(e, *experts.base_slices[m]) for m in MATRICES)
+        for e in range(experts.num_local_experts)
+    ]
+    longest = max((stop - start for _, start, stop, _ in pairs.segments), default=1)
+    tile = max(1, min(tile, longest))
+    base_T2F, fc1_bias = experts.linear_fc1(x_TH)  # base fc1 once per token
+    if fc1_bias is not None:
+        base_T2F = base_T2F + fc1_bias
+    p_P = p_Tk.flatten()[pairs.order_P]
+    hbar_TF, dout_TH = _SparseSwiGLU.apply(
+        base_T2F, x_TH, *(deltas[m].values for m in MATRICES), p_P, pairs.token_P, pairs.segments, indexes, tile
+    )
+    out_TH, fc2_bias = experts.linear_fc2(hbar_TF)  # base fc2 once per token, on Σ_s p_s h_s
+    out_TH = out_TH + dout_TH
+    if fc2_bias is not None:
+        out_TH = out_TH + fc2_bias * p_Tk.sum(1, keepdim=True).to(out_TH.dtype)
+    return out_TH
+
+
+class _SparseSwiGLU(torch.autograd.Function):
+    """forward(base [T, 2F], x [T, H], values of gate/up/fc2 [E, K*], p [P], token [P],
+    segments, indexes [E] of (gate, up, fc2) SparseIndex, tile) -> (hbar [T, F], dout [T, H])."""
+
+    @staticmethod
+    def forward(ctx, base_T2F, x_TH, vg_EK, vu_EK, v2_EK, p_P, token_P, segments, indexes, tile):
+        base_T2F = base_T2F.contiguous()
+        T, F_ = base_T2F.shape[0], base_T2F.shape[1] // 2
+        cd = sparse_dtype(base_T2F.dtype)
+        vals = _expert_values(indexes, (vg_EK, vu_EK, v2_EK))
+        p_P1 = p_P.detach().unsqueeze(1).to(base_T2F.dtype)
+        hbar_TF = base_T2F.new_empty(T, F_)
+        dout_TH = base_T2F.new_empty(T, x_TH.shape[1])
+        plan = _plan(segments, token_P, tile)
+        g_, u_ = (base_T2F.new_empty(tile, F_) for _ in range(2))
+        for e, c, tok, first in plan:
+            n = c.stop - c.start
+            g, u = g_[:n], u_[:n]
+            xT = _gather_t(x_TH, tok, cd)
+            _gate_up(base_T2F, tok, indexes[e], vals[e], xT, g, u)
+            h = torch._C._nn.silu(g).mul_(u)  # [n, F]
+            d2T = delta_times(indexes[e][2], vals[e][2], h.t().to(cd).contiguous())  # [H, n]
+            _write_rows(dout_TH, tok, d2T.t().mul(p_P1[c]), first)
+            _write_rows(hbar_TF, tok, h.mul_(p_P1[c]), first)
+        ctx.save_for_backward(base_T2F, x_TH, vg_EK, vu_EK, v2_EK, p_P1)
+        ctx.plan, ctx.tile, ctx.indexes, ctx.p_dtype = plan, tile, indexes, p_P.dtype
+        return hbar_TF, dout_TH
+
+    @staticmethod
+    def backward(ctx, dhbar_TF, ddout_TH):
+        base_T2F, x_TH, vg_EK, vu_EK, v2_EK, p_P1 = ctx.saved_tensors
+        indexes, cd = ctx.indexes, sparse_dtype(base_T2F.dtype)
+        vals = _expert_values(indexes, (vg_EK, vu_EK, v2_EK))
+        F_ = base_T2F.shape[1] // 2
+        dhbar_TF = dhbar_TF.contiguous()
+        grads = _Grads(base_T2F, x_TH, (vg_EK, vu_EK, v2_EK), indexes, p_P1.shape[0])
+        g_, u_, s_ = (base_T2F.new_empty(ctx.tile, F_) for _ in range(3))
+        dgu = base_T2F.new_empty(ctx.tile, 2 * F_)  # [dg | du]: one contiguous row per pair
+        for e, c, tok, first in ctx.plan:
+            n = c.stop - c.start
+            g, u, s, dgu_ = g_[:n], u_[:n], s_[:n], dgu[:n]
+            xT = _gather_t(x_TH, tok, cd)
+            _gate_up(base_T2F, tok, indexes[e], vals[e], xT, g, u)
+            torch._C._nn.silu(g, out=s)
+            h = s * u
+            ddoutT = _gather_t(ddout_TH, tok, cd)  # [H, n]
+            G = torch.index_select(dhbar_TF, 0, tok)
+            G.add_(delta_t_times(indexes[e][2], vals[e][2], ddoutT).t())  # dL/d(p h)
+            grads.add_values(e, 2, indexes[e][2], ddoutT.mul_(p_P1[c].t().to(cd)), h.to(cd))
+            torch.sum(h.mul_(G), 1, out=grads.p_P[c])  # dL/dp = h·G
+            G.mul_(p_P1[c])  # dL/dh
+            torch.mul(G, s, out=dgu_[:, F_:])  # du = dL/dh · silu(g)
+            torch.ops.aten.silu_backward.grad_input(G.mul_(u), g, grad_input=dgu_[:, :F_])  # dg
+            _write_rows(grads.base_T2F, tok, dgu_, first)
+            dgT, duT = dgu_[:, :F_].t().to(cd).contiguous(), dgu_[:, F_:].t().to(cd).contiguous()  # [F, n]
+            dxT = delta_t_times(indexes[e][0], vals[e][0], dgT)
+            dxT += delta_t_times(indexes[e][1], vals[e][1], duT)
+            grads.x_TH.index_add_(0, tok, dxT.t().to(grads.x_TH.dtype))
+            grads.add_values(e, 0, indexes[e][0], dgT, xT.t())
+            grads.add_values(e, 1, indexes[e][1], duT, xT.t())
+        dvg, dvu, dv2 = grads.values_grads()
+        return (grads.base_T2F, grads.x_TH, dvg, dvu, dv2, grads.p_P.to(ctx.p_dtype),
+                None, None, None, None)
+
+
+class _Grads:
+    """Gradient buffers of :class:`_SparseSwiGLU`; the values' gradients accumulate per
+    (expert, matrix) in CSR order and land on the stored values at the end (kept positions only)."""
+
+    def __init__(self, base_T2F, x_TH, values, indexes, pairs: int):
+        self.base_T2F = torch.empty_like(base_T2F)  # every row written by its token's slot-0 pair
+        self.x_TH = torch.zeros_like(x_TH)
+        self.p_P = base_T2F.new_empty(pairs)
+        self.values, self.indexes = values, indexes
+        self.dvals = {}  # (expert, matrix) -> [K'] in CSR order
+
+    def add_values(self, e, m, index, dyT_On, x_nI) -> None:
+        """dv += (dyᵀ x) at the kept positions of expert e's matrix m."""
+        dv = sampled_grad(index, dyT_On, x_nI)
+        key = (e, m)
+        self.dvals[key] = dv if key not in self.dvals else self.dvals[key].add_(dv)
+
+    def values_grads(self):
+        out = [torch.zeros_like(v) for v in self.values]  # [E, K] each
+        for (e, m), dv in self.dvals.items():
+            value_index = self.indexes[e][m].value_index_K
+            if value_index is None:
+                out[m][e] += dv.to(out[m].dtype)
+            else:
+                out[m][e].index_add_(0, value_index, dv.to(out[m].dtype))
+        return out
+
+
+def _expert_values(indexes, values):
+    """Per expert, per matrix: the CSR-ordered values (no autograd: the kernel's own backward)."""
+    with torch.no_grad():
+        return [tuple(index.values(v[e]) for index, v in zip(idx, values)) for e, idx in enumerate(indexes)]
+
+
+def _gather_t(x_TH, tok_n, dtype) -> torch.Tensor:
+    """x[tok]ᵀ as a contiguous [H, n] in the sparse kernels' dtype."""
+    return x_TH.index_select(0, tok_n).t().to(dtype).contiguous()
+
+
+def _gate_up(base_T2F, tok_n, index3, vals3, xT_Hn, g_nF, u_nF) -> None:
+    """g <- base_gate[tok] + (Δg xᵀ)ᵀ ; u <- base_up[tok] + (Δu xᵀ)ᵀ."""
+    F_ = g_nF.shape[1]
+    torch.index_select(base_T2F[:, :F_], 0, tok_n, out=g_nF)
+    torch.index_select(base_T2F[:, F_:], 0, tok_n, out=u_nF)
+    g_nF.add_(delta_times(index3[0], vals3[0], xT_Hn).t())
+    u_nF.add_(delta_times(index3[1], vals3[1], xT_Hn).t())
+
+
+def _plan(segments, token_P, tile: int):
+    """The tiles (expert, slice of pairs, their tokens, first) of every segment, in order."""
+    plan = []
+    for expert, start, stop, first in segments:
+        for lo in range(start, stop, tile):
+            c = slice(lo, min(lo + tile, stop))
+            plan.append((expert, c, token_P[c], first))
+    return plan
+
+
+def _write_rows(out_TF, tok_n, rows_nF, first: bool) -> None:
+    """out[tok] = rows (a token's first pair) or out[tok] += rows."""
+    if first:
+        out_TF.index_put_((tok_n,), rows_nF.to(out_TF.dtype))
+    else:
+        out_TF.index_add_(0, tok_n, rows_nF.to(out_TF.dtype))
