@@ -11,7 +11,7 @@ import dataclasses
 import pytest
 import torch
 
-from ders_megatron.core.config import DenseDeltaConfig, LowRankDeltaConfig, SparseDeltaConfig
+from ders_megatron.core.config import DenseDeltaConfig, IndexedSparseDeltaConfig, LowRankDeltaConfig, SparseDeltaConfig
 from ders_megatron.core.config import DeRSConfig
 
 KINDS = {
@@ -19,6 +19,21 @@ KINDS = {
     "sparse": SparseDeltaConfig(drop_rate=0.9),
     "dense": DenseDeltaConfig(),
 }
+# The magnitude codec's module (values at stored indices) runs the sparse kernel too.
+CODEC_KINDS = {"magnitude": IndexedSparseDeltaConfig(drop_rate=0.9)}
+
+
+@torch.no_grad()
+def random_unique_indices(layer, seed=0):
+    """randomize_deltas fills integer index parameters with noise: give each expert distinct,
+    sorted random positions instead (what the magnitude codec stores)."""
+    from ders_megatron.core.deltas import sample_unique
+
+    for deltas in layer.experts.deltas.values():
+        if hasattr(deltas, "indices"):
+            for e in range(deltas.num_experts):
+                flat = sample_unique(deltas.out_features * deltas.in_features, deltas.kept, seed + e)
+                deltas.indices[e].copy_(flat.to(deltas.indices.dtype))
 
 # float32. The fused layer computes W2_base(Σ_s p_s h_s) + Σ_s p_s Δ2 h_s where the
 # reference computes Σ_s p_s (W_base + Δ)_e h_s: the same O(1) terms summed in another
@@ -82,9 +97,10 @@ def fused_equals_dropin_and_reference(cases, extended_shared=False):
         case = f"{kind} top-{topk} {overrides}"
         with model_parallel():
             config = tiny_config(moe_router_topk=topk, **overrides)
-            ders = DeRSConfig(delta=KINDS[kind], extended_shared_expert=extended_shared)
+            ders = DeRSConfig(delta={**KINDS, **CODEC_KINDS}[kind], extended_shared_expert=extended_shared)
             dropin, vanilla = build_moe_layers(config, ders)
             randomize_deltas(dropin)
+            random_unique_indices(dropin)
             load_synthesized(dropin, vanilla)
             # kernel_tile 3: several tiles per expert, and ragged last tiles
             fused = ders_moe_spec(dataclasses.replace(ders, impl="fused", kernel_tile=3))(config=config)
@@ -107,8 +123,9 @@ def fused_equals_dropin_and_reference(cases, extended_shared=False):
             if fused.router.expert_bias is not None:  # updated from the same routing map
                 _assert_close(fused.router.local_tokens_per_expert, vanilla.router.local_tokens_per_expert, case)
             expected = expected_grads(dropin, vanilla)
-            got = {n: p.grad for n, p in fused.named_parameters() if not n.startswith("router.")}
-            dropin_grads = {n: p.grad for n, p in dropin.named_parameters() if not n.startswith("router.")}
+            got = {n: p.grad for n, p in fused.named_parameters() if not n.startswith("router.") and p.requires_grad}
+            dropin_grads = {n: p.grad for n, p in dropin.named_parameters()
+                            if not n.startswith("router.") and p.requires_grad}
             assert got.keys() == expected.keys() == dropin_grads.keys(), case
             for name, grad in expected.items():
                 assert grad.abs().sum() > 0, f"vacuous: zero reference gradient for {name} ({case})"
@@ -121,47 +138,60 @@ def test_fused_equals_dropin_and_reference_ws1(dist1):
     assert dist1.run(fused_equals_dropin_and_reference, LAYER_CASES) == [len(LAYER_CASES)]
 
 
+MAGNITUDE_CASES = [("magnitude", topk, dict(TOPK[topk])) for topk in (1, 2, 4)] + [
+    ("magnitude", 2, GELU_BIAS),  # generic path: the sparse product without the tiled kernel
+]
+
+
+def test_magnitude_codec_equals_dropin_and_reference_ws1(dist1):
+    assert dist1.run(fused_equals_dropin_and_reference, MAGNITUDE_CASES) == [len(MAGNITUDE_CASES)]
+
+
 def test_fused_with_extended_ders_shared_expert(dist1):
     shared = dict(moe_shared_expert_intermediate_size=64, moe_shared_expert_gate=True)
     cases = [("lowrank", 2, shared), ("sparse", 1, dict(shared, **TOPK[1]))]
     dist1.run(fused_equals_dropin_and_reference, cases, extended_shared=True)
 
 
-def kernel_on_dispatched_rows_equals_dropin():
+def kernel_on_dispatched_rows_equals_dropin(kind):
     """The drop-in experts' kernel path ≡ their unfused path (every delta kind's reference)."""
-    from ders_megatron.layers.expert_compute import dropin_lowrank_swiglu
+    from ders_megatron.layers.expert_compute import dropin_lowrank_swiglu, dropin_sparse_swiglu
     from ders_megatron.testing.distributed import model_parallel
     from ders_megatron.testing.models import tiny_config
     from ders_megatron.testing.reference import build_moe_layers, randomize_deltas
 
+    kernel = dropin_lowrank_swiglu if kind == "lowrank" else dropin_sparse_swiglu
     with model_parallel():
         config = tiny_config(add_bias_linear=True)
-        experts = build_moe_layers(config, DeRSConfig(delta=KINDS["lowrank"]))[0].experts
+        layer = build_moe_layers(config, DeRSConfig(delta={**KINDS, **CODEC_KINDS}[kind]))[0]
+        experts = layer.experts
         randomize_deltas(experts)
+        random_unique_indices(layer)
         gen = torch.Generator().manual_seed(0)
         tokens_per_expert = torch.tensor([5, 0, 7, 3])
         x = torch.randn(15, config.hidden_size, generator=gen)
         probs = torch.rand(15, generator=gen)
         upstream = torch.randn(15, config.hidden_size, generator=gen)
         grads = []
-        assert experts.uses_lowrank_kernel()
-        for fn in (experts.forward_unfused, lambda *a: (dropin_lowrank_swiglu(experts, *a, tile=2), None),
-                   experts.forward):
+        assert experts.uses_lowrank_kernel() if kind == "lowrank" else experts.uses_sparse_kernel()
+        for fn in (experts.forward_unfused, lambda *a: (kernel(experts, *a, tile=2), None), experts.forward):
             experts.zero_grad()
             inputs = [x.clone().requires_grad_(True), tokens_per_expert, probs.clone().requires_grad_(True)]
             out, _ = fn(*inputs)
             (out * upstream).sum().backward()
-            grads.append([out, inputs[0].grad, inputs[2].grad] + [p.grad.clone() for p in experts.parameters()])
+            grads.append([out, inputs[0].grad, inputs[2].grad]
+                         + [p.grad.clone() for p in experts.parameters() if p.requires_grad])
         for path, result in zip(("kernel, tile 2", "forward"), grads[1:]):
             for got, want in zip(result, grads[0]):
-                _assert_close(got, want, f"{path} vs DeRSExperts.forward_unfused")
+                _assert_close(got, want, f"{kind} {path} vs DeRSExperts.forward_unfused")
 
 
-def test_kernel_on_dispatched_rows_equals_dropin(dist1):
-    dist1.run(kernel_on_dispatched_rows_equals_dropin)
+@pytest.mark.parametrize("kind", ["lowrank", "sparse", "magnitude"])
+def test_kernel_on_dispatched_rows_equals_dropin(dist1, kind):
+    dist1.run(kernel_on_dispatched_rows_equals_dropin, kind)
 
 
-def kernel_on_no_rows():
+def kernel_on_no_rows(kind):
     """An EP rank may receive no tokens at all: the kernel path returns [0, H] and zero grads."""
     from ders_megatron.testing.distributed import model_parallel
     from ders_megatron.testing.models import tiny_config
@@ -169,9 +199,9 @@ def kernel_on_no_rows():
 
     with model_parallel():
         config = tiny_config()
-        experts = build_moe_layers(config, DeRSConfig(delta=KINDS["lowrank"]))[0].experts
+        experts = build_moe_layers(config, DeRSConfig(delta=KINDS[kind]))[0].experts
         randomize_deltas(experts)
-        assert experts.uses_lowrank_kernel()
+        assert experts.uses_lowrank_kernel() if kind == "lowrank" else experts.uses_sparse_kernel()
         x = torch.randn(0, config.hidden_size, requires_grad=True)
         out, _ = experts(x, torch.zeros(experts.num_local_experts, dtype=torch.long), torch.rand(0))
         out.sum().backward()
@@ -179,8 +209,70 @@ def kernel_on_no_rows():
         assert all(p.grad is None or not p.grad.any() for p in experts.parameters())
 
 
-def test_kernel_on_no_rows(dist1):
-    dist1.run(kernel_on_no_rows)
+@pytest.mark.parametrize("kind", ["lowrank", "sparse"])
+def test_kernel_on_no_rows(dist1, kind):
+    dist1.run(kernel_on_no_rows, kind)
+
+
+def sparse_kernel_keeps_dropped_positions_and_builds_no_dense_delta():
+    """DeRS-SM: one training step of the fused kernel (frozen base) creates no tensor shaped like
+    any expert matrix [O, I] (forward or backward), and the step leaves every dropped position of
+    every Δ_e at exactly zero while the kept ones move."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    from ders_megatron.layers.specs import ders_moe_spec
+    from ders_megatron.testing.distributed import model_parallel
+    from ders_megatron.testing.models import tiny_config
+    from ders_megatron.testing.reference import randomize_deltas
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not func.is_view:  # new dense storage only: views and sparse (CSR) tensors are no Δ
+                self.seen.update((tuple(t.shape), str(func)) for t in tree_flatten(out)[0]
+                                 if isinstance(t, torch.Tensor) and t.layout == torch.strided)
+            return out
+
+    for impl in ("fused", "dropin"):
+        with model_parallel():
+            config = tiny_config(moe_router_topk=2)
+            ders = DeRSConfig(delta=SparseDeltaConfig(drop_rate=0.7), impl=impl, freeze_base=True)
+            layer = ders_moe_spec(ders)(config=config)
+            layer.set_layer_number(1)
+            randomize_deltas(layer)
+            deltas = layer.experts.deltas
+            before = {m: [d.delta_weight(e) for e in range(d.num_experts)] for m, d in deltas.items()}
+            # 20 tokens: > 1/density pairs per expert (the old generic path built a dense Δ there),
+            # and no tile or activation shaped like a delta matrix ([64, 32], [32, 64]).
+            x = torch.randn(20, 1, config.hidden_size, requires_grad=True)
+            shapes = Shapes()
+            with shapes:
+                out, _ = layer(x)
+                out.square().sum().backward()
+            matrices = {(d.out_features, d.in_features) for d in deltas.values()}
+            built = {s for s in shapes.seen if s[0] in matrices}
+            assert not built, f"{impl}: a dense [O, I] tensor was built: {built}"
+            with torch.no_grad():
+                for d in deltas.values():
+                    d.values -= 0.1 * d.values.grad
+            for m, d in deltas.items():
+                moved = 0
+                for e in range(d.num_experts):
+                    after = d.delta_weight(e)
+                    row, col, _ = d.positions(e)
+                    kept = torch.zeros_like(after, dtype=torch.bool).index_put((row, col), torch.tensor(True))
+                    assert not after[~kept].any(), f"{impl} {m} expert {e}: a dropped position moved"
+                    moved += not torch.equal(after[kept], before[m][e][kept])
+                assert moved, f"{impl} {m}: no kept value moved (vacuous)"
+
+
+def test_sparse_kernel_keeps_dropped_positions_and_builds_no_dense_delta(dist1):
+    dist1.run(sparse_kernel_keeps_dropped_positions_and_builds_no_dense_delta)
 
 
 # --------------------------------------------------------------------------- #
@@ -387,6 +479,22 @@ def test_benchmark_runs_and_writes_json(dist1, tmp_path):
     assert dense["ratios"]["ms"] == 1.0 and dense["peak_mib"] > 0
     grouped = next(r for r in rows if r["label"].startswith("MoE GroupedMLP"))
     assert grouped["ms"] is None and "not run" in grouped["note"]
+
+
+def test_kernel_only_benchmark_writes_every_product(tmp_path, capsys):
+    import json
+
+    from ders_megatron.cli.bench_moe_layer import bench_moe_layer_main
+
+    path = tmp_path / "kernel.json"
+    argv = ["--kernel-only", "--hidden-size", "16", "--ffn-hidden-size", "32", "--tokens", "16",
+            "--topk", "2", "--drop-rates", "0.9", "0.5", "--repeats", "1", "--json", str(path)]
+    assert bench_moe_layer_main(argv) == 0
+    rows = json.loads(path.read_text())["kernel"]
+    # 2 matrices x 2 drop rates x 3 products, each against the dense product it replaces.
+    assert len(rows) == 12 and {r["product"] for r in rows} == {"forward", "input grad", "values grad"}
+    assert all(r["sparse_ms"] > 0 and r["dense_ms"] > 0 for r in rows)
+    assert "| fc2 [16, 32] | 0.5 |" in capsys.readouterr().out
 
 
 @pytest.mark.gpu

@@ -40,6 +40,9 @@ def build_bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-tile", type=int, default=None,
                    help="(token, slot) pairs per tile of the fused kernel on CPU (default: by FFN width)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    p.add_argument("--kernel-only", action="store_true",
+                   help="only the sparse-delta kernels vs the dense products they replace, per matrix, "
+                   "on one expert's rows (tokens·topk/experts) for each --drop-rates and --topk")
     p.add_argument("--json", metavar="PATH", help="also write every figure as JSON here")
     add_debug_flag(p)
     return p
@@ -59,9 +62,11 @@ def bench_moe_layer_main(argv: list[str] | None = None) -> int:
                                  experts=args.num_experts, dtype=args.dtype)
     except ValueError as err:
         parser.error(str(err))
-    variant_list = bench.variants(args.baselines, args.impls, args.ranks, args.drop_rates)
     command = "ders-bench-moe-layer " + shlex.join(sys.argv[1:] if argv is None else argv)
     print(f"{bench.machine_description()}\nshape: {shape}")
+    if args.kernel_only:
+        return _kernel_only(bench, shape, args, command)
+    variant_list = bench.variants(args.baselines, args.impls, args.ranks, args.drop_rates)
     results = []
     with bench.bench_process_group():
         print(bench.memory_method())
@@ -76,5 +81,18 @@ def bench_moe_layer_main(argv: list[str] | None = None) -> int:
             write_text_atomic(args.json, json.dumps(payload, indent=2) + "\n")
         except user_failures() as err:
             return report_failure("bench_moe_layer", err, args.debug)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _kernel_only(bench, shape, args, command: str) -> int:
+    print(bench.KERNEL_HEAD)
+    rows = []
+    for topk in args.topk:
+        rows += bench.kernel_microbench(shape, topk, args.drop_rates, repeats=args.repeats)
+    if args.json:
+        payload = {"shape": shape.__dict__, "machine": bench.machine_description(), "command": command,
+                   "kernel": rows}
+        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0

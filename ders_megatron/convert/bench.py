@@ -360,6 +360,79 @@ def _add_ratios(results: list[Result]) -> None:
             r.ratios["ms_min_vs_sequential"] = r.ms_min / seq.ms_min if r.ms_min is not None else None
 
 
+# --------------------------------------------------------------------------- #
+# Kernel-only: the sparse products against the dense products they replace.
+# --------------------------------------------------------------------------- #
+def kernel_microbench(shape: BenchShape, topk: int, drop_rates, repeats: int = 7, log=print) -> list[dict]:
+    """Median ms of each product of one expert's delta on its ``tokens·topk/experts`` rows.
+
+    For fc1 ([FFN, hidden]) and fc2 ([hidden, FFN]): the three sparse kernels of
+    :mod:`ders_megatron.core.sparse_product` (forward Δ@xᵀ, input grad Δᵀ@dyᵀ, values grad
+    sampled at the kept positions) against the dense GEMMs of the same matrix (x Wᵀ,
+    dy W, dyᵀ x), and the gather/``index_add`` forms of forward and values grad.
+    """
+    from ders_megatron.core.deltas import sample_unique
+    from ders_megatron.core.sparse_product import (
+        build_sparse_index, delta_t_times, delta_times, sampled_grad, sparse_dtype,
+    )
+
+    rows = max(1, shape.tokens * topk // shape.experts)
+    dtype = DTYPES[shape.dtype]
+    cd = sparse_dtype(dtype)
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for matrix, (O, I) in (("fc1", (shape.ffn, shape.hidden)), ("fc2", (shape.hidden, shape.ffn))):
+        x = torch.randn(rows, I, generator=gen).to(dtype)
+        dy = torch.randn(rows, O, generator=gen).to(dtype)
+        w = torch.randn(O, I, generator=gen).to(dtype)
+        dense = {"forward": lambda: x @ w.t(), "input grad": lambda: dy @ w, "values grad": lambda: dy.t() @ x}
+        dense_ms = {name: _median_ms(fn, repeats) for name, fn in dense.items()}
+        for rate in drop_rates:
+            kept = max(1, round((1 - rate) * O * I))
+            index = build_sparse_index(sample_unique(O * I, kept, 0), O, I, (0, O), (0, I))
+            vals = torch.randn(kept, generator=gen)
+            xT, dyT = x.t().to(cd).contiguous(), dy.t().to(cd).contiguous()
+            sparse = {
+                "forward": lambda: delta_times(index, vals, xT),
+                "input grad": lambda: delta_t_times(index, vals, dyT),
+                "values grad": lambda: sampled_grad(index, dyT, xT.t()),
+            }
+            gather = {
+                "forward": lambda: xT.new_zeros(O, rows).index_add_(0, index.row_K, xT[index.col_K] * vals[:, None].to(cd)),
+                "values grad": lambda: (dyT[index.row_K] * xT[index.col_K]).sum(1),
+            }
+            for name, fn in sparse.items():
+                row = dict(matrix=f"{matrix} [{O}, {I}]", drop_rate=rate, kept=kept, rows=rows, product=name,
+                           sparse_ms=_median_ms(fn, repeats), dense_ms=dense_ms[name],
+                           gather_ms=_median_ms(gather[name], repeats) if name in gather else None)
+                row["sparse_vs_dense"] = row["sparse_ms"] / row["dense_ms"]
+                out.append(row)
+                log(format_kernel_row(row))
+    return out
+
+
+def _median_ms(fn, repeats: int) -> float:
+    fn()
+    seconds = []
+    for _ in range(repeats):
+        _sync()
+        start = time.perf_counter()
+        fn()
+        _sync()
+        seconds.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(seconds)
+
+
+KERNEL_HEAD = ("| matrix | p | kept | rows | product | sparse ms | dense ms | × dense | gather/index_add ms |\n"
+               "|---|---|---|---|---|---|---|---|---|")
+
+
+def format_kernel_row(row: dict) -> str:
+    return (f"| {row['matrix']} | {row['drop_rate']} | {row['kept']:,d} | {row['rows']} | {row['product']} | "
+            f"{row['sparse_ms']:.2f} | {row['dense_ms']:.2f} | {row['sparse_vs_dense']:.3f} | "
+            f"{_fmt(row['gather_ms'], '.2f')} |")
+
+
 def machine_description() -> str:
     import platform
 

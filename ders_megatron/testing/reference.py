@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ders_megatron.core.deltas import DenseDeltas, LowRankDeltas, SparseDeltas
+from ders_megatron.core.deltas import DenseDeltas, LowRankDeltas, PositionDeltas
 from ders_megatron.layers.specs import ders_moe_spec, vanilla_moe_spec
 
 
@@ -124,7 +124,7 @@ def _pull_back(deltas, grad_EOI: torch.Tensor, prefix: str) -> dict[str, torch.T
             f"{prefix}.lora_A": s * b.transpose(1, 2) @ grad_EOI,  # [E, R, I]
             f"{prefix}.lora_B": s * grad_EOI @ a.transpose(1, 2),  # [E, O, R]
         }
-    if isinstance(deltas, SparseDeltas):
+    if isinstance(deltas, PositionDeltas):  # sparse (dare) and magnitude: values at positions
         values = []
         for e in range(deltas.num_experts):
             row, col, index = deltas.positions(e)
