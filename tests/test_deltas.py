@@ -120,3 +120,67 @@ def test_module_apply_still_works(config):
     seen = []
     build(config).apply(lambda module: seen.append(type(module).__name__))
     assert seen and seen[-1].endswith("Deltas")
+
+
+def _position_kinds():
+    from ders_megatron.core.config import IndexedSparseDeltaConfig
+
+    return {"sparse": SparseDeltaConfig(drop_rate=0.7), "magnitude": IndexedSparseDeltaConfig(drop_rate=0.7)}
+
+
+def _with_positions(kind, seed=0):
+    """A randomized values-at-positions module; magnitude gets distinct, UNSORTED indices."""
+    deltas = randomized(build(_position_kinds()[kind]), seed)
+    if kind == "magnitude":
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for e in range(deltas.num_experts):
+                deltas.indices[e].copy_(torch.randperm(12 * 10, generator=gen)[: deltas.kept].to(deltas.indices.dtype))
+    return deltas
+
+
+@pytest.mark.parametrize("kind", ["sparse", "magnitude"])
+@pytest.mark.parametrize("rows,cols", [(None, None), (slice(4, 10), None), (None, slice(2, 7))])
+def test_sparse_product_gradients_equal_dense_reference(kind, rows, cols):
+    """Output, input grad and values grad of the CSR kernels ≡ x @ Δᵀ with Δ scattered densely
+    from the flat positions (independent of the CSR index); values outside the slice get 0."""
+    deltas = _with_positions(kind)
+    rows_, cols_ = rows or slice(None), cols or slice(None)
+    values = deltas.values.detach().clone().requires_grad_(True)
+    flat = deltas.flat_positions(1).long()
+    dense = torch.zeros(12 * 10).index_put((flat,), values[1]).view(12, 10)[rows_, cols_]
+    x = torch.randn(7, dense.shape[1], requires_grad=True)
+    upstream = torch.randn(7, dense.shape[0])
+    (x @ dense.t() * upstream).sum().backward()
+    x_got = x.detach().clone().requires_grad_(True)
+    out = deltas.apply_delta(x_got, 1, rows, cols)
+    (out * upstream).sum().backward()
+    # float32 sums of at most 10 products of O(1) terms: a few ulps.
+    torch.testing.assert_close(out, (x @ dense.t()).detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x_got.grad, x.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(deltas.values.grad, values.grad, atol=1e-5, rtol=1e-5)
+    assert not deltas.values.grad[[0, 2]].any()  # other experts untouched
+    if rows or cols:  # values of expert 1 outside the slice: exactly zero
+        assert (values.grad[1] == 0).sum() > 0 and torch.equal(deltas.values.grad[1] == 0, values.grad[1] == 0)
+
+
+def test_sparse_product_in_bfloat16_matches_float32():
+    """bf16 operands are multiplied in fp32 (no MKL bf16 CSR kernel): the result is the fp32
+    product of the bf16-rounded operands, rounded once to bf16 (<= 1 bf16 ulp, 2**-8 relative)."""
+    deltas = _with_positions("sparse")
+    x = torch.randn(5, 10).bfloat16()
+    got = deltas.to(torch.bfloat16).apply_delta(x, 0)
+    want = deltas.float().apply_delta(x.float(), 0)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=1e-2, rtol=2**-8)
+
+
+def test_sparse_index_is_built_once_and_moves_with_the_values():
+    deltas = _with_positions("sparse")
+    deltas.prepare_index(slice(0, 6), None)
+    first = deltas.sparse_index(0, slice(0, 6), None)
+    deltas.apply_delta(torch.randn(3, 10), 0, slice(0, 6), None)
+    assert deltas.sparse_index(0, slice(0, 6), None) is first  # cached, not rebuilt per call
+    deltas.load_state_dict(deltas.state_dict())
+    assert deltas.sparse_index(0, slice(0, 6), None) is not first  # a load rebuilds (same positions)
+    assert torch.equal(deltas.sparse_index(0, slice(0, 6), None).col_K, first.col_K)

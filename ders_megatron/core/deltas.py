@@ -167,7 +167,7 @@ class PositionDeltas(ExpertDeltas):
         self.values = nn.Parameter(torch.zeros(self.num_experts, self.kept, dtype=dtype))  # [E, K]
         self._indexes: dict[tuple, SparseIndex] = {}  # (expert, slice bounds) -> index
         self._indexes_key: tuple | None = None  # positions_key() the cached indexes belong to
-        self._prepared: set[tuple] = set()  # slices (r0, r1, c0, c1) to rebuild eagerly
+        self._prepared: set[tuple] = set()  # slice bounds (r0, r1, c0, c1) to rebuild eagerly
 
     def flat_positions(self, expert: int) -> torch.Tensor:
         """Sorted flat positions [K] in [0, O·I) of one local expert (any device)."""
@@ -195,15 +195,15 @@ class PositionDeltas(ExpertDeltas):
 
     def prepare_index(self, rows=None, cols=None) -> None:
         """Build the indexes of every local expert for this slice now (and after each load)."""
-        self._prepared.add((rows, cols))
+        self._prepared.add(_as_slice(rows, self.out_features) + _as_slice(cols, self.in_features))
         for e in range(self.num_experts):
             self.sparse_index(e, rows, cols)
 
     def _rebuild_indexes(self) -> None:
         self._indexes.clear()
-        for rows, cols in self._prepared:
+        for r0, r1, c0, c1 in self._prepared:
             for e in range(self.num_experts):
-                self.sparse_index(e, rows, cols)
+                self.sparse_index(e, slice(r0, r1), slice(c0, c1))
 
     def positions(self, expert: int, rows=None, cols=None):
         """(row, col, value index) of the kept entries inside Δ_e[rows, cols], slice-relative."""
