@@ -273,7 +273,8 @@ class LiveTensorBytes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for tensor in tree_flatten(out)[0]:
-            if isinstance(tensor, torch.Tensor) and not tensor.is_meta:
+            # Sparse (CSR) tensors have no storage of their own: their parts are tracked as created.
+            if isinstance(tensor, torch.Tensor) and not tensor.is_meta and tensor.layout == torch.strided:
                 self._track(tensor.untyped_storage())
         return out
 

@@ -196,11 +196,15 @@ class PositionDeltas(ExpertDeltas):
     def prepare_index(self, rows=None, cols=None) -> None:
         """Build the indexes of every local expert for this slice now (and after each load)."""
         self._prepared.add(_as_slice(rows, self.out_features) + _as_slice(cols, self.in_features))
+        if self.values.is_meta:  # a shape-only model (built under torch.device("meta")): nothing to index
+            return
         for e in range(self.num_experts):
             self.sparse_index(e, rows, cols)
 
     def _rebuild_indexes(self) -> None:
         self._indexes.clear()
+        if self.values.is_meta:
+            return
         for r0, r1, c0, c1 in self._prepared:
             for e in range(self.num_experts):
                 self.sparse_index(e, slice(r0, r1), slice(c0, c1))
