@@ -253,8 +253,9 @@ class DeRSExperts(MegatronModule):
         return lowrank_swiglu_applies(self) and not self.config.moe_apply_probs_on_input and not self.own_bias
 
     def uses_sparse_kernel(self) -> bool:
-        """Values-at-positions deltas (sparse, magnitude), SwiGLU, probabilities after the activation."""
-        return sparse_swiglu_applies(self) and not self.config.moe_apply_probs_on_input
+        """Values-at-positions deltas (sparse, magnitude), SwiGLU, probabilities after the activation,
+        no own biases."""
+        return sparse_swiglu_applies(self) and not self.config.moe_apply_probs_on_input and not self.own_bias
 
     def forward_unfused(self, dispatched_input, tokens_per_expert, permuted_probs):
         """Every delta kind and activation: base GEMMs over all rows, delta terms per expert."""
