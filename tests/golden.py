@@ -11,7 +11,9 @@ checkable for good:
   before the move (commit 7fec34b; since then changed on purpose only where a commit says so: the
   ``ders`` format's modeling file, issue 16), the sha256 of every file of every export of
   every case, and the sha256 of every tensor (key, dtype, shape, bytes) that
-  ``upcycle_checkpoint`` and ``compress_checkpoint`` write from these inputs.
+  ``upcycle_checkpoint`` and ``compress_checkpoint`` write from these inputs, and
+  ``import_hf`` writes from some of the exports (recorded with the in-memory importer
+  before issue 18 made it stream).
 
 ``test_golden_outputs.py`` redoes each export/upcycle/compress and compares.
 ``python tests/golden.py checkpoints`` rewrites the inputs, ``python
@@ -61,6 +63,13 @@ UPCYCLES = {
     "sparse-shared-ders": dict(kind="sparse", num_experts=4, drop_rate=0.9, seed=12, shared_expert="ders",
                                moe_layer_freq=2),
     "dense-shared-full": dict(kind="dense", num_experts=4, shared_expert="full", topk=1, renormalize_topk=False),
+}
+# "case/fmt": (import_hf keywords); input: that case's export in fmt, imported back
+IMPORTS = {
+    "dense/llama": dict(make_vocab_size_divisible_by=48, tensor_parallel_size=2),  # 100 -> 192 rows
+    "vanilla/mixtral": dict(),
+    "vanilla-shared-gate/qwen2_moe": dict(),
+    "sparse-shared-gate/qwen2_moe": dict(),  # tied embeddings, a dense layer, synthesized experts
 }
 # name: (CompressConfig fields); input: the vanilla case, dense base from the dense case
 # The vanilla case's experts are random, not fine-tuned copies of the dense FFN: these digests
@@ -147,11 +156,25 @@ def compress_digests(name: str) -> dict[str, str]:
         return tensor_digests(out)
 
 
+def import_digests(name: str) -> dict[str, str]:
+    from ders_megatron.convert.hf import export_hf
+    from ders_megatron.convert.hf.importer import import_hf
+
+    case, fmt = name.split("/")
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="no tokenizer files")
+        hf, out = Path(tmp) / "hf", Path(tmp) / "out"
+        export_hf(str(DATA / case), str(hf), fmt=fmt, progress=False)
+        import_hf(str(hf), str(out), **IMPORTS[name])
+        return tensor_digests(out)
+
+
 def all_digests() -> dict:
     return {
         "export": {f"{case}/{fmt}": export_digests(case, fmt) for case, (_, fmts) in CASES.items() for fmt in fmts},
         "upcycle": {name: upcycle_digests(name) for name in UPCYCLES},
         "compress": {name: compress_digests(name) for name in COMPRESSIONS},
+        "import": {name: import_digests(name) for name in IMPORTS},
     }
 
 

@@ -292,7 +292,7 @@ def test_cli_flags_are_frozen():
 
     flags = sorted(o for a in build_parser()._actions for o in a.option_strings)
     assert flags == sorted([
-        "-h", "--help", "--load", "--save", "--force", "--moe-ders-codecs", "--base", "--dense", "--moe-ders-seed",
+        "-h", "--help", "--load", "--save", "--hf-output", "--force", "--moe-ders-codecs", "--base", "--dense", "--moe-ders-seed",
         "--moe-ders-quant-group-size", "--moe-ders-shared-expert", "--calib-data", "--eval-data", "--seq-length",
         "--batch-size", "--calib-batches", "--eval-batches", "--file-bytes", "--json", "--trust-checkpoint",
         "--debug",  # issue 19: the traceback of a failure (one line otherwise)

@@ -40,6 +40,12 @@ def test_compress_tensors_are_identical(dist1, name):
     _compare(dist1.run(golden.compress_digests, name)[0], DIGESTS["compress"][name], f"compress {name}")
 
 
+@pytest.mark.parametrize("name", sorted(DIGESTS["import"]))
+def test_import_tensors_are_identical(dist1, name):
+    _compare(dist1.run(golden.import_digests, name)[0], DIGESTS["import"][name], f"import {name}")
+
+
 def test_digests_cover_every_case():
     assert {name.split("/")[0] for name in DIGESTS["export"]} == set(golden.CASES)
     assert set(DIGESTS["upcycle"]) == set(golden.UPCYCLES) and set(DIGESTS["compress"]) == set(golden.COMPRESSIONS)
+    assert set(DIGESTS["import"]) == set(golden.IMPORTS)

@@ -218,8 +218,11 @@ def test_convert_hf_cli_flags_are_frozen():
     subparsers = next(a for a in parser._actions if a.choices and "import" in a.choices).choices
     flags = {name: sorted(o for a in sub._actions for o in a.option_strings) for name, sub in subparsers.items()}
     assert flags == {
-        "import": sorted(["--force", "--hf-dir", "--make-vocab-size-divisible-by", "--output",
-                          "--tensor-model-parallel-size", "--transformer-impl", "--debug", "-h", "--help"]),
+        "import": sorted(["--dtype", "--force", "--hf-dir", "--make-vocab-size-divisible-by", "--no-progress",
+                          "--output", "--tensor-model-parallel-size", "--transformer-impl", "--debug", "-h",
+                          "--help"]),
         "export": sorted(["--checkpoint", "--dtype", "--force", "--format", "--max-shard-size", "--no-progress",
                           "--output", "--tokenizer", "--trust-checkpoint", "--debug", "-h", "--help"]),
+        "adapter": sorted(["--checkpoint", "--debug", "--dtype", "--force", "--format", "--no-progress", "--output",
+                           "--trust-checkpoint", "-h", "--help"]),
     }

@@ -1,12 +1,15 @@
 """``tools/compress.py`` (``ders-compress``): a trained vanilla MoE checkpoint -> a DeRS
-checkpoint of compressed deltas, over :func:`ders_megatron.convert.compress.pipeline.compress_checkpoint`."""
+checkpoint of compressed deltas, over :func:`ders_megatron.convert.compress.pipeline.compress_checkpoint`;
+``--load`` may also be a Hugging Face MoE folder (Mixtral, Qwen2-MoE), streamed through
+:func:`ders_megatron.convert.compress.from_hf.compress_hf`, with ``--hf-output`` for a
+``ders`` HF folder."""
 
 from __future__ import annotations
 
 import argparse
 
 from ders_megatron.cli.flags import add_codec_flags, add_debug_flag, add_seed_flag, add_shared_expert_flag, add_trust_flag
-from ders_megatron.convert.compress.pipeline import SHARED_MODES, CompressConfig, compress_checkpoint
+from ders_megatron.convert.compress.pipeline import SHARED_MODES, CompressConfig, CompressError, compress_checkpoint
 from ders_megatron.core.config import DEFAULTS
 from ders_megatron.convert.compress.report import format_report
 from ders_megatron.core.decomposition import BASES
@@ -22,8 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="DeRS compression of a trained vanilla MoE megatron checkpoint: one shared base "
         "(the dense FFN, the expert mean, or a Fisher-weighted mean) plus compressed per-expert deltas.",
     )
-    p.add_argument("--load", required=True, metavar="DIR", help="trained vanilla MoE checkpoint root")
-    p.add_argument("--save", required=True, metavar="DIR", help="output DeRS checkpoint root")
+    p.add_argument("--load", required=True, metavar="DIR",
+                   help="trained vanilla MoE checkpoint root, or a Hugging Face MoE folder (Mixtral, Qwen2-MoE)")
+    p.add_argument("--save", default=None, metavar="DIR", help="output DeRS checkpoint root")
+    p.add_argument("--hf-output", default=None, metavar="DIR",
+                   help="with a Hugging Face --load: also (or instead of --save) write a ders-format HF folder")
     p.add_argument("--force", action="store_true", help="replace an existing --save directory")
     add_trust_flag(p)
     add_debug_flag(p)
@@ -70,7 +76,7 @@ def main(argv=None) -> int:
             eval_batches=ns.eval_batches,
         )
         with trust_checkpoints(ns.trust_checkpoint):
-            report = compress_checkpoint(ns.load, ns.save, cfg, force=ns.force, file_bytes=ns.file_bytes)
+            report = _compress(ns, cfg)
         if ns.json:
             write_text_atomic(ns.json, json.dumps(report, indent=2) + "\n")
     except user_failures() as err:
@@ -79,3 +85,12 @@ def main(argv=None) -> int:
     return 0
 
 
+def _compress(ns, cfg: CompressConfig) -> dict:
+    from ders_megatron.convert.compress.from_hf import compress_hf, is_hf_folder
+
+    if is_hf_folder(ns.load):
+        return compress_hf(ns.load, ns.save, cfg, hf_output=ns.hf_output, force=ns.force, file_bytes=ns.file_bytes)
+    if ns.hf_output is not None or ns.save is None:
+        raise CompressError("--load is a megatron checkpoint: give --save (--hf-output is for a Hugging Face "
+                              "--load; export the result with tools/convert_hf.py export --format ders)")
+    return compress_checkpoint(ns.load, ns.save, cfg, force=ns.force, file_bytes=ns.file_bytes)

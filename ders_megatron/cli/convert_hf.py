@@ -1,7 +1,7 @@
 """``convert_hf``: Hugging Face <-> megatron-core checkpoints (``tools/convert_hf.py``).
 
     convert_hf.py import --hf-dir DIR|ORG/NAME --output CKPT [--make-vocab-size-divisible-by 128]
-                         [--tensor-model-parallel-size 1] [--force]
+                         [--tensor-model-parallel-size 1] [--dtype ...] [--force]
     convert_hf.py export --checkpoint CKPT --output DIR
                          --format {mixtral,qwen2_moe,qwen3_moe,ders,llama,mistral,qwen2,qwen3}
                          [--tokenizer DIR] [--max-shard-size 5GB] [--dtype ...] [--force]
@@ -9,12 +9,16 @@
     convert_hf.py adapter --checkpoint CKPT --output DIR [--format {mixtral,qwen2_moe,qwen3_moe}]
                           [--dtype ...] [--force] [--trust-checkpoint]
 
+Import streams tensor by tensor (memory: about two layers, docs/benchmarks.md) and
+keeps the source's dtype unless ``--dtype`` says otherwise.
+
 Bad input (unknown or refused architecture -- OLMoE, DeepSeek MLA --, sliding
 windows, an embedding tie the weights contradict, unknown format, a checkpoint
 without MoE for a MoE format, an existing output without --force, a truncated or
-damaged file, NaN/Inf weights, a full disk) ends with one line ``error: ...``
-naming the file and exit status 2, leaving nothing behind (``--debug``: the
-traceback too).
+damaged file, a shard missing from the index, a tensor whose shape or dtype is not
+what config.json implies, NaN/Inf weights, a full disk) ends with one line
+``error: ...`` naming the file and exit status 2, leaving nothing behind
+(``--debug``: the traceback too).
 """
 
 from __future__ import annotations
@@ -40,10 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="pad the vocabulary as Megatron does (times --tensor-model-parallel-size)")
     imp.add_argument("--tensor-model-parallel-size", type=int, default=1,
                      help="the TP size you will train with (only the vocabulary padding depends on it)")
+    imp.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                     help="dtype of the written weights (default: the source's, which config.json must declare "
+                     "consistently)")
     imp.add_argument("--force", action="store_true", help="replace an existing --output")
     imp.add_argument("--transformer-impl", default=None, choices=("local", "transformer_engine"),
                      help="the spec the checkpoint is for, recorded in its args (keys differ in MoE "
                      "layers' norms; default: local without CUDA, Megatron's transformer_engine with it)")
+    imp.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_debug_flag(imp)
 
     exp = sub.add_parser("export", help="Megatron checkpoint -> HF folder")
@@ -85,8 +93,10 @@ def run(args: argparse.Namespace):
             args.output,
             make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
             tensor_parallel_size=args.tensor_model_parallel_size,
+            dtype=args.dtype,
             force=args.force,
             transformer_impl=args.transformer_impl,
+            progress=not args.no_progress,
         )
     if args.command == "adapter":
         from ders_megatron.convert.hf.peft_adapter import export_peft

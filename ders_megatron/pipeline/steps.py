@@ -123,8 +123,10 @@ class Pipeline:
         weights = sorted(p.name + str(p.stat().st_size) for p in self.hf_dir.glob("*.safetensors"))
         return Step(
             "import", f"tools/convert_hf.py import {self.hf_dir}",
+            # float32 as before issue 18 (import now keeps the source's bf16): upcycling initialises
+            # routers and deltas in the checkpoint's dtype, and the recorded results are float32 ones.
             lambda: {"seconds": self._tool("import", "convert_hf", "import", "--hf-dir", self.hf_dir,
-                                           "--output", self.dense)},
+                                           "--output", self.dense, "--dtype", "float32")},
             outputs=(self.dense,), complete=lambda: _checkpoint_complete(self.dense),
             settings={"hf_dir": str(self.hf_dir), "config": (self.hf_dir / "config.json").read_text(),
                       "weights": weights},

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import warnings
 from dataclasses import asdict, dataclass, field, replace
 
 
@@ -310,7 +309,7 @@ class ModelDims:
             **_hf_rope(config),
             **_hf_moe(config),
         )
-        _warn_sliding_window(config)
+        _check_sliding_window(config)
         return dims
 
     def check_format(self, fmt: str) -> None:
@@ -512,7 +511,7 @@ def _hf_moe(config) -> dict:
     return {}
 
 
-def _warn_sliding_window(config) -> None:
+def _check_sliding_window(config) -> None:
     window = getattr(config, "sliding_window", None)
     if config.model_type in ("qwen2", "qwen3", "qwen3_moe"):
         _check(not config.use_sliding_window, f"{config.model_type} use_sliding_window=True (sliding-window "
@@ -521,9 +520,10 @@ def _warn_sliding_window(config) -> None:
         _check(layer_types <= {"full_attention"}, f"{config.model_type} layer_types {sorted(layer_types)}: "
                "sliding-window layers are not supported by Megatron's local attention")
         return
-    if config.model_type in ("mistral", "mixtral") and window:
-        warnings.warn(
-            f"{config.model_type} sliding_window={window}: Megatron runs full causal attention, which is "
-            f"identical for sequences up to {window} tokens and differs beyond",
-            stacklevel=3,
+    if config.model_type in ("mistral", "mixtral") and window and window < config.max_position_embeddings:
+        # Megatron's local attention is full causal: identical up to `window` tokens, wrong beyond.
+        raise ConversionError(
+            f"{config.model_type} sliding_window={window} < max_position_embeddings="
+            f"{config.max_position_embeddings}: Megatron runs full causal attention; set sliding_window to null "
+            f"in config.json to convert anyway (identical for sequences up to {window} tokens)"
         )

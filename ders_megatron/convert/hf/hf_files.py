@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -82,9 +82,61 @@ def resolve_hf_dir(value) -> Path:
                           "nothing is downloaded: fetch it first (e.g. `hf download " f"{value}`) or pass a folder")
 
 
+# safetensors header dtype names -> torch dtypes (the float ones a weight may have, and the
+# others so that a wrong file is named by what it holds).
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_FINITE_BLOCK = 1 << 24  # elements per isfinite pass: bounds the check's bool temporary at 16 MiB
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A tensor's shape and dtype as its file's header says, before any data is read."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype | str  # the header's name where torch has no such dtype
+    file: Path
+
+
+def _open_safetensors(file: Path):
+    """``safe_open`` with a damaged file named: safetensors checks that the header covers the
+    file exactly, so a cut download fails here (``SafetensorError: Error while deserializing
+    header``, or an ``OSError`` for a too-short mmap) as one line naming the file."""
+    try:
+        return safe_open(str(file), framework="pt")
+    except Exception as err:
+        raise _damaged(file, err) from err
+
+
+def _damaged(file: Path, err: Exception, key: str | None = None) -> Exception:
+    """The one-line error for a cut or garbled safetensors file (other errors as they are)."""
+    if not (type(err).__name__ == "SafetensorError" or isinstance(err, (OSError, EOFError))):
+        return err
+    what = f" (reading {key})" if key else ""
+    return ConversionError(f"{file} is truncated or damaged{what}: {first_line(err)}; re-download it")
+
+
+def check_finite(tensor: torch.Tensor, name: str, file) -> None:
+    """Refuse a tensor holding NaN or Inf, in blocks (no full-size bool temporary)."""
+    if not tensor.is_floating_point():
+        return
+    flat = tensor.reshape(-1)
+    for start in range(0, flat.numel(), _FINITE_BLOCK):
+        block = flat[start:start + _FINITE_BLOCK]
+        if not bool(torch.isfinite(block).all()):
+            bad = start + int((~torch.isfinite(block)).nonzero()[0, 0])
+            raise ConversionError(f"{file}: tensor {name} holds NaN or Inf (first at flat index {bad}); "
+                                  "the weights are damaged, re-download or re-save them")
+
+
 class HFSource:
-    """Tensors of an HF model folder by name, read one at a time (safetensors, or
-    ``pytorch_model*.bin`` loaded with ``weights_only=True``)."""
+    """Tensors of an HF model folder by name, read one at a time and checked finite
+    (safetensors, sharded with ``model.safetensors.index.json`` or not; or
+    ``pytorch_model*.bin`` loaded whole with ``weights_only=True``)."""
 
     # transformers 5 keeps experts fused in memory ([E, 2I, H] gate_up, [E, H, I] down) and
     # accepts such files; classic per-expert names are served from them (gate first, then up:
@@ -96,65 +148,115 @@ class HFSource:
     def __init__(self, path):
         self.path = Path(path)
         self._files: dict[str, Path] = {}
+        self._info: dict[str, TensorInfo] = {}
         self._bin: dict[str, torch.Tensor] | None = None
+        self._weight_map: dict[str, str] = {}  # the index's, when the folder has one
         self.read_keys: set[str] = set()  # stored keys that served a request
-        files = sorted(self.path.glob("*.safetensors"))
+        files = self._safetensors_files()
         for file in files:
-            with _readable(file):
-                with safe_open(str(file), framework="pt") as f:
-                    for key in f.keys():
-                        self._files[key] = file
+            with _open_safetensors(file) as f:
+                for key in f.keys():
+                    part = f.get_slice(key)
+                    dtype = SAFETENSORS_DTYPES.get(part.get_dtype(), part.get_dtype())
+                    self._files[key] = file
+                    self._info[key] = TensorInfo(tuple(part.get_shape()), dtype, file)
         if not files:
             bins = sorted(self.path.glob("pytorch_model*.bin"))
             if not bins:
                 raise ConversionError(f"{self.path} holds no *.safetensors or pytorch_model*.bin weights")
             self._bin = {}
             for file in bins:
-                self._bin.update(torch.load(file, map_location="cpu", weights_only=True))
+                loaded = torch.load(file, map_location="cpu", weights_only=True)
+                self._bin.update(loaded)
+                self._info.update({k: TensorInfo(tuple(t.shape), t.dtype, file) for k, t in loaded.items()})
+        self._check_index()
+
+    def _safetensors_files(self) -> list[Path]:
+        """The shards the index names (each must exist), or every ``*.safetensors`` here."""
+        index = self.path / SAFETENSORS_INDEX
+        if not index.is_file():
+            return sorted(self.path.glob("*.safetensors"))
+        try:
+            self._weight_map = dict(json.loads(index.read_text())["weight_map"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise ConversionError(f"{index} is not a safetensors index ({err}); re-download it") from None
+        shards = sorted(set(self._weight_map.values()))
+        missing = [name for name in shards if not (self.path / name).is_file()]
+        if missing:
+            count = sum(1 for v in self._weight_map.values() if v == missing[0])
+            raise ConversionError(f"{index} maps {count} tensors to {missing[0]}, which is missing from "
+                                  f"{self.path}{f' (and {len(missing) - 1} more shards)' if len(missing) > 1 else ''}"
+                                  "; re-download it")
+        return [self.path / name for name in shards]
+
+    def _check_index(self) -> None:
+        """Every tensor the index lists is in the shard it names."""
+        for key, name in self._weight_map.items():
+            if self._files.get(key) != self.path / name:
+                raise ConversionError(f"{self.path / SAFETENSORS_INDEX} puts {key} in {name}, which does not "
+                                      "hold it; re-download the shards")
 
     def keys(self) -> set[str]:
-        return set(self._bin) if self._bin is not None else set(self._files)
+        return set(self._info)
 
-    def _raw(self, key: str) -> torch.Tensor | None:
-        if key not in (self._bin if self._bin is not None else self._files):
-            return None
+    def _raw(self, key: str, expert: int | None = None) -> torch.Tensor:
+        """Stored tensor ``key`` (only its ``expert``-th entry of the leading axis if given)."""
         self.read_keys.add(key)
         if self._bin is not None:
-            return self._bin[key]
-        with _readable(self._files[key], key):
-            with safe_open(str(self._files[key]), framework="pt") as f:
-                return f.get_tensor(key)
-
-    def get(self, name: str) -> torch.Tensor:
-        tensor = self._raw(name)
-        if tensor is None and (match := self._EXPERT.fullmatch(name)):
-            tensor = self._fused_expert(*match.groups())
-        if tensor is None and ".block_sparse_moe.gate." in name:
-            tensor = self._raw(name.replace(".block_sparse_moe.", ".mlp."))
-        if tensor is None:
-            raise ConversionError(f"{self.path} has no tensor {name}")
+            tensor = self._bin[key] if expert is None else self._bin[key][expert]
+        else:
+            with _open_safetensors(self._files[key]) as f:
+                try:
+                    tensor = f.get_tensor(key) if expert is None else f.get_slice(key)[expert]
+                except Exception as err:
+                    raise _damaged(self._files[key], err, key) from err
+        check_finite(tensor, key if expert is None else f"{key}[{expert}]", self._info[key].file)
         return tensor
 
-    def _fused_expert(self, layer_prefix: str, expert: str, part: str) -> torch.Tensor | None:
-        fused, half = self._FUSED_PART.get(part, (None, None))
-        tensor = fused and self._raw(f"{layer_prefix}mlp.experts.{fused}")
-        if tensor is None:
-            return None
-        tensor = tensor[int(expert)]
+    def _resolve(self, name: str) -> tuple[str, int | None, int | None] | None:
+        """(stored key, expert index, gate/up half) serving ``name``, or None."""
+        if name in self._info:
+            return name, None, None
+        if match := self._EXPERT.fullmatch(name):
+            layer_prefix, expert, part = match.groups()
+            fused, half = self._FUSED_PART.get(part, (None, None))
+            key = f"{layer_prefix}mlp.experts.{fused}"
+            if fused and key in self._info:
+                return key, int(expert), half
+        if ".block_sparse_moe.gate." in name and (key := name.replace(".block_sparse_moe.", ".mlp.")) in self._info:
+            return key, None, None
+        return None
+
+    def _missing(self, name: str) -> ConversionError:
+        where = f"{SAFETENSORS_INDEX} does not list it" if self._weight_map else "no weight file holds it"
+        return ConversionError(f"{self.path} has no tensor {name} ({where})")
+
+    def describe(self, name: str) -> TensorInfo:
+        """Shape, dtype and file of ``name`` from the headers (no data read)."""
+        found = self._resolve(name)
+        if found is None:
+            raise self._missing(name)
+        key, expert, half = found
+        info = self._info[key]
+        shape = info.shape if expert is None else info.shape[1:]
+        if half is not None:
+            shape = (shape[0] // 2, *shape[1:])
+        return TensorInfo(tuple(shape), info.dtype, info.file)
+
+    def get(self, name: str) -> torch.Tensor:
+        found = self._resolve(name)
+        if found is None:
+            raise self._missing(name)
+        key, expert, half = found
+        tensor = self._raw(key, expert)
         return tensor if half is None else torch.chunk(tensor, 2, dim=0)[half].contiguous()
 
-
-@contextlib.contextmanager
-def _readable(file: Path, key: str | None = None):
-    """safetensors' errors for a cut or garbled file (``SafetensorError: Error while
-    deserializing header``, an ``OSError`` for a too-short mmap) as one line naming the file."""
-    try:
-        yield
-    except Exception as err:
-        if not (type(err).__name__ == "SafetensorError" or isinstance(err, (OSError, EOFError))):
-            raise
-        what = f" (reading {key})" if key else ""
-        raise ConversionError(f"{file} is truncated or damaged{what}: {first_line(err)}; re-download it") from err
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of the stored tensor ``name`` (only those rows are read)."""
+        if self._bin is not None:
+            return self._bin[name][start:stop]
+        with _open_safetensors(self._files[name]) as f:
+            return f.get_slice(name)[start:stop]
 
 
 def copy_tokenizer(source, dest) -> list[str]:

@@ -139,6 +139,8 @@ def _vocab(dims: ModelDims):
     def pad(ts):
         (weight,) = ts
         rows = dims.padded_vocab_size - dims.vocab_size
+        if rows == 0:
+            return [weight]  # no copy: import holds one embedding, not two
         # Padding rows are never produced by the tokenizer; zeros keep their logits at 0.
         return [torch.cat([weight, weight.new_zeros(rows, weight.shape[1])])]
 
@@ -371,10 +373,21 @@ def check_embedding_tie(dims: ModelDims, source) -> None:
     if not dims.tie_embeddings and not has_head:
         raise KeyMapError("config.json says tie_word_embeddings=false but the weights have no lm_head.weight; "
                           "set tie_word_embeddings=true if the output layer is the embedding")
-    if dims.tie_embeddings and has_head and not torch.equal(source.get("lm_head.weight"),
-                                                            source.get("model.embed_tokens.weight")):
+    if dims.tie_embeddings and has_head and not _same_rows(source, "lm_head.weight", "model.embed_tokens.weight"):
         raise KeyMapError("config.json says tie_word_embeddings=true but lm_head.weight differs from "
                           "model.embed_tokens.weight; set tie_word_embeddings=false to keep both")
+
+
+def _same_rows(source, a: str, b: str, rows_per_read: int = 4096) -> bool:
+    """Tensors ``a`` and ``b`` equal, compared in row blocks where ``source`` reads rows
+    (``rows(name, start, stop)``: the streamed import never holds two embeddings)."""
+    if not hasattr(source, "rows"):
+        return torch.equal(source.get(a), source.get(b))
+    count = source.describe(a).shape[0]
+    if source.describe(b).shape[0] != count:
+        return False
+    return all(torch.equal(source.rows(a, start, start + rows_per_read), source.rows(b, start, start + rows_per_read))
+               for start in range(0, count, rows_per_read))
 
 
 def layer_maps(dims: ModelDims, fmt: str, i: int) -> list[KeyMap]:

@@ -153,10 +153,16 @@ def megatron_argv(dims: ModelDims, tokenizer_model=None) -> list[str]:
     return flags
 
 
-def checkpoint_args(dims: ModelDims, tokenizer_model=None, transformer_impl: str | None = None) -> argparse.Namespace:
+PRECISION_FLAGS = {torch.float32: [], torch.bfloat16: ["--bf16"], torch.float16: ["--fp16"]}
+
+
+def checkpoint_args(dims: ModelDims, tokenizer_model=None, transformer_impl: str | None = None,
+                    params_dtype=torch.float32) -> argparse.Namespace:
     """megatron.training's full, validated argument Namespace for ``dims``, as Megatron-LM
     saves it in checkpoints (what ``--use-checkpoint-args``, tools/upcycle.py and
     tools/compress.py read), with the converters' own fields on top (:meth:`ModelDims.to_args`).
+    ``params_dtype`` is the weights' dtype, said as Megatron-LM says it (``--bf16``/``--fp16``,
+    which ``validate_args`` turns into ``params_dtype``), so the tools keep it.
 
     Parsed with this machine's runtime (``--cpu`` without CUDA): it only decides
     settings such as ``transformer_impl``, not the model. ``transformer_impl`` overrides
@@ -164,7 +170,8 @@ def checkpoint_args(dims: ModelDims, tokenizer_model=None, transformer_impl: str
     """
     from megatron.training.arguments import validate_args
 
-    argv = megatron_argv(dims, tokenizer_model) + ([] if torch.cuda.is_available() else ["--cpu"])
+    argv = megatron_argv(dims, tokenizer_model) + PRECISION_FLAGS[params_dtype]
+    argv += [] if torch.cuda.is_available() else ["--cpu"]
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         # validate_args prints every argument, and asks for a rank a converter may not have.
         warnings.filterwarnings("ignore", message="Could not determine rank")

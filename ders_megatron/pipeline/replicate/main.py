@@ -215,7 +215,10 @@ class Study:
         weights = sorted(p.name + str(p.stat().st_size) for p in self.hf_dir.glob("*.safetensors"))
         steps = [
             Step("b-import", f"b: tools/convert_hf.py import {self.hf_dir}",
-                 lambda: {"checkpoint": str(import_hf(self.hf_dir, dense, force=True))}, outputs=(dense,),
+                 # float32 as before issue 18 (import keeps a bf16 source's dtype otherwise, and the
+                 # compression of the trained model would then run in bf16 from its args).
+                 lambda: {"checkpoint": str(import_hf(self.hf_dir, dense, force=True, dtype="float32"))},
+                 outputs=(dense,),
                  complete=_complete(dense), settings={"hf_dir": str(self.hf_dir), "weights": weights}),
             Step("b-tokens", "b: the model's tokenizer over both splits", tokenize, outputs=(root / "tokens",),
                  complete=(root / "tokens" / "train.pt").is_file, deps=("text",),
