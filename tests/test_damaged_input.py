@@ -124,7 +124,8 @@ NAN_CASES = {  # tool: (golden case, tensor to spoil, argv given (root, out))
     "upcycle": ("dense", "decoder.layers.mlp.linear_fc1.weight",
                 lambda root, out: ["--load", root, "--save", out, *UPCYCLE]),
     "compress": ("vanilla", "decoder.layers.mlp.experts.experts.linear_fc1.weight",
-                 lambda root, out: ["--load", root, "--save", out, "--moe-ders-codecs", "dare:0.9"]),
+                 lambda root, out: ["--load", root, "--save", out, "--moe-ders-codecs", "dare:0.9",
+                                                 "--base", "mean", "--max-delta-norm", "inf"]),  # random experts
     "convert_hf export ders": ("lowrank", "decoder.layers.mlp.experts.linear_fc2.weight",
                                lambda root, out: ["export", "--checkpoint", root, "--output", out, "--format",
                                                   "ders", "--no-progress"]),

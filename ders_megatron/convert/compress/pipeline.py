@@ -184,13 +184,18 @@ class LayerSource:
         return resolve_key(f"decoder.layers.{layer}.{suffix}", self.shapes), ()
 
     def read(self, layer: int, suffix: str) -> torch.Tensor:
+        from ders_megatron.io.checkpoint import check_finite, describe_source
         from ders_megatron.io.streaming import SliceRequest, read_slices
 
         key, prefix = self.key(layer, suffix)
         if key not in self.shapes:
             raise CompressError(f"{self.root} has no {suffix} for layer {layer}")
         shape = tuple(self.shapes[key][0])[len(prefix):]
-        return read_slices(self.root, [SliceRequest(key, prefix, (0,) * len(shape), shape)], self.shapes)[0]
+        tensor = read_slices(self.root, [SliceRequest(key, prefix, (0,) * len(shape), shape)], self.shapes)[0]
+        # A NaN in the source is named here, where it is read: a base or a delta-norm guard
+        # computed from it would only report a NaN of its own.
+        check_finite(tensor, key, lambda: describe_source(self.root, key))
+        return tensor
 
     def dense_weight(self, layer: int, suffix: str, shape) -> torch.Tensor:
         from ders_megatron.io.streaming import read_slices
