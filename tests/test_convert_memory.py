@@ -15,8 +15,11 @@ MODEL = SyntheticModel(num_layers=8, hidden_size=1024, ffn_hidden_size=2816, num
                        num_key_value_heads=4, vocab_size=16000, dtype="bfloat16")
 # The fixed overhead, above 3 layers: the output file floor of import (64 MiB, when a layer is
 # smaller), the finiteness check's block (16 MiB of bools) and the DCP writer's plan,
-# metadata and allocator slack (measured ~20-40 MiB on tiny models).
-OVERHEAD_MIB = 128
+# metadata and allocator slack (measured ~20-40 MiB on tiny models). 128 MiB was exceeded by 1 MiB
+# once in a full-suite run (import 222.8 MiB above baseline = 3 x 31.25 + 129): malloc arenas vary
+# with the threads a run has started; 160 keeps that margin while the in-memory import this bound
+# exists to catch stays far above it (718 MiB in the same run).
+OVERHEAD_MIB = 160
 
 
 def test_streamed_conversions_stay_within_three_layers(tmp_path):

@@ -523,6 +523,8 @@ def test_trust_warning_once_on_rank_0(monkeypatch, capsys, rank):
     from ders_megatron.io.safe_load import trust_checkpoints
 
     monkeypatch.setenv("RANK", rank)
+    # torchrun's RANK is what decides here: a process group left by an earlier test would say 0
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     with trust_checkpoints(), trust_checkpoints():
         pass
     warnings_printed = capsys.readouterr().err.count("WARNING: --trust-checkpoint")

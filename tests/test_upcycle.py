@@ -222,7 +222,7 @@ def _truncate_tensors(root):
     [
         ("missing", "does not exist"),
         ("no-tracker", "latest_checkpointed_iteration.txt"),
-        ("truncated", "truncated or damaged"),
+        ("truncated", "is truncated"),  # issue 19: names the .distcp and its length
         ("already-moe", "already a MoE checkpoint"),
         ("ep-not-divisible", "not divisible by --target-ep 3"),
         ("rank-too-large", "--moe-ders-rank 40 exceeds"),

@@ -93,6 +93,6 @@ def _kernel_only(bench, shape, args, command: str) -> int:
     if args.json:
         payload = {"shape": shape.__dict__, "machine": bench.machine_description(), "command": command,
                    "kernel": rows}
-        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+        write_text_atomic(args.json, json.dumps(payload, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
