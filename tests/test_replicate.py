@@ -86,8 +86,11 @@ def test_upcycling_verdicts_when_vanilla_gains():
 
 
 def test_upcycling_verdicts_when_vanilla_does_not_beat_dense():
-    rows = _rows(dense=[3.00, 3.10, 3.05], vanilla=[3.01, 3.08, 3.06], lm4=[3.00, 3.09, 3.05])
+    rows = _rows(dense=[3.00, 3.10, 3.05], vanilla=[3.01, 3.08, 3.06], lm4=[3.00, 3.09, 3.05],
+                 lm64=[3.01, 3.10, 3.06])  # worse than lm4 by 0.01 on every seed
     claims = upcycling_claims("A", rows)
+    # r=64 worse beyond noise: "no better than small ranks" holds without any margin
+    assert _verdicts(claims)["rank 64 is no better than small ranks"] == "confirmed"
     equivalence = [c for c in claims if "≈ vanilla" in c["claim"]]
     assert equivalence and all(c["verdict"] == "inconclusive" for c in equivalence)
     assert "does not beat dense-continued beyond noise" in equivalence[0]["why"]
