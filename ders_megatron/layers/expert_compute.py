@@ -428,19 +428,6 @@ def _gate_up_grouped(base_T2F, t: KernelTile, a_n2R, b1g_ERF, b1u_ERF, g_nF, u_n
     u_nF.add_(_gmm(a_n2R[:, R:], b1u_ERF, t.offsets_E))
 
 
-def _plan(segments, token_P, tile: int):
-    """The tiles (expert, slice of pairs, their tokens, first) of every segment, in order.
-
-    Per-expert tiles, as the low-rank kernel ran them before its grouped GEMMs; kept for
-    per-expert kernels (the sparse path's)."""
-    plan = []
-    for expert, start, stop, first in segments:
-        for lo in range(start, stop, tile):
-            c = slice(lo, min(lo + tile, stop))
-            plan.append((expert, c, token_P[c], first))
-    return plan
-
-
 def _scratch(like, tile, F_, count):
     return [like.new_empty(tile, F_) for _ in range(count)]
 
@@ -451,12 +438,3 @@ def _write_rows(out_TF, tok_n, rows_nF, first: bool) -> None:
         out_TF.index_put_((tok_n,), rows_nF)
     else:
         out_TF.index_add_(0, tok_n, rows_nF)
-
-
-def _gate_up(base_T2F, tok_n, a_n2R, b1g_RF, b1u_RF, g_nF, u_nF) -> None:
-    """g <- base_gate[tok] + a_g B1g ; u <- base_up[tok] + a_u B1u (rank-R updates)."""
-    F_, R = g_nF.shape[1], b1g_RF.shape[0]
-    torch.index_select(base_T2F[:, :F_], 0, tok_n, out=g_nF)
-    torch.index_select(base_T2F[:, F_:], 0, tok_n, out=u_nF)
-    g_nF.addmm_(a_n2R[:, :R], b1g_RF)
-    u_nF.addmm_(a_n2R[:, R:], b1u_RF)

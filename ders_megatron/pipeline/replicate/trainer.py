@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 
@@ -62,7 +61,7 @@ def _forward_step(data_iterator, model):
         loss = output_BS.float().mean()
         return loss, {"lm loss": loss.detach()}
 
-    return per_token_BS, partial(loss_func)
+    return per_token_BS, loss_func
 
 
 def _optimizer(ddp_model, schedule: Schedule):
