@@ -106,8 +106,11 @@ def test_compression_verdicts():
     verdicts = _verdicts(compression_claims("A", table))
     assert verdicts == {"dare:0.9 is lossless": "confirmed", "quant:2 is lossless": "not confirmed"}
     table["base-only"] = _codec_row(0.001, -0.002, 0.004)  # deltas carry nothing measurable
-    (claim,) = compression_claims("A", table)
-    assert claim["verdict"] == "inconclusive" and "add nothing measurable" in claim["why"]
+    table["dare:0.9"]["vs_base_only"] = _codec_row(0.03, 0.02, 0.04)["vs_none"]  # error of its own (rescale)
+    table["quant:2"]["vs_base_only"] = _codec_row(0.001, -0.001, 0.003)["vs_none"]  # within noise of base-only
+    claims = compression_claims("A", table)
+    assert _verdicts(claims) == {"dare:0.9 is lossless": "not confirmed", "quant:2 is lossless": "inconclusive"}
+    assert all("add nothing measurable" in c["why"] for c in claims)
 
 
 # --------------------------------------------------------------------------- #
