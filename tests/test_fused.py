@@ -7,6 +7,7 @@ Three implementations of the same weights are compared:
 * fused: ``FusedDeRSMoELayer`` (no dispatch; linearity; the low-rank SwiGLU kernel).
 """
 
+import contextlib
 import dataclasses
 import pytest
 import torch
@@ -189,6 +190,115 @@ def kernel_on_dispatched_rows_equals_dropin(kind):
 @pytest.mark.parametrize("kind", ["lowrank", "sparse", "magnitude"])
 def test_kernel_on_dispatched_rows_equals_dropin(dist1, kind):
     dist1.run(kernel_on_dispatched_rows_equals_dropin, kind)
+
+
+class NanAllocations:
+    """``new_empty`` / ``empty_like`` return NaN-filled floats inside the block: memory a
+    kernel leaves unwritten then shows as NaN instead of whatever the allocator held."""
+
+    def __enter__(self):
+        self.new_empty, self.empty_like = torch.Tensor.new_empty, torch.empty_like
+        new_empty, empty_like = self.new_empty, self.empty_like
+        torch.Tensor.new_empty = lambda t, *a, **k: _nan_fill(new_empty(t, *a, **k))
+        torch.empty_like = lambda *a, **k: _nan_fill(empty_like(*a, **k))
+        return self
+
+    def __exit__(self, *exc):
+        torch.Tensor.new_empty, torch.empty_like = self.new_empty, self.empty_like
+
+
+def _nan_fill(t):
+    return t.fill_(float("nan")) if t.is_floating_point() else t
+
+
+def padding_rows_reach_no_gradient(kind, padding):
+    """A dispatcher's padding rows past sum(tokens_per_expert) (HybridEP's static budget)
+    change no gradient: the experts on 15 counted rows + 5 padding rows equal the experts on
+    the 15 rows alone (outputs, input/prob grads, every base and delta weight grad), the
+    padding rows' outputs and input grads are zeros. ``padding``: "nan-rows" fills the
+    padding rows (input and probs) with NaN; "nan-buffers" leaves them zero but makes every
+    uninitialised kernel buffer NaN."""
+    from ders_megatron.testing.distributed import model_parallel
+    from ders_megatron.testing.models import tiny_config
+    from ders_megatron.testing.reference import build_moe_layers, randomize_deltas
+
+    with model_parallel():
+        config = tiny_config()
+        experts = build_moe_layers(config, DeRSConfig(delta={**KINDS, **CODEC_KINDS}[kind]))[0].experts
+        randomize_deltas(experts)
+        gen = torch.Generator().manual_seed(0)
+        tokens_per_expert = torch.tensor([5, 0, 7, 3])
+        x = torch.randn(15, config.hidden_size, generator=gen)
+        probs = torch.rand(15, generator=gen)
+        upstream = torch.randn(20, config.hidden_size, generator=gen)
+        fill = float("nan") if padding == "nan-rows" else 0.0
+        runs = []
+        for rows in (15, 20):
+            experts.zero_grad()
+            x_in = torch.cat([x, torch.full((rows - 15, x.shape[1]), fill)]).requires_grad_(True)
+            p_in = torch.cat([probs, torch.full((rows - 15,), fill)]).requires_grad_(True)
+            with NanAllocations() if padding == "nan-buffers" else contextlib.nullcontext():
+                out, _ = experts(x_in, tokens_per_expert, p_in)
+                (out * upstream[:rows]).sum().backward()
+            runs.append([out, x_in.grad, p_in.grad] + [p.grad.clone() for p in experts.parameters() if p.requires_grad])
+        (out, dx, dp, *grads), padded = runs
+        names = [n for n, p in experts.named_parameters() if p.requires_grad]
+        assert len(grads) == len(names) >= 4  # base fc1/fc2 and the deltas
+        for what, got, want in zip(["output", "input grad", "probs grad"] + names,
+                                   padded, [out, dx, dp, *grads]):
+            got = got[:15] if what in ("output", "input grad", "probs grad") else got
+            assert torch.isfinite(got).all(), f"{kind} {padding}: {what} not finite"
+            _assert_close(got, want, f"{kind} {padding}: {what} with padding rows vs without")
+        assert torch.equal(padded[0][15:], torch.zeros(5, config.hidden_size)), "padding rows' output"
+        assert torch.equal(padded[1][15:], torch.zeros(5, config.hidden_size)), "padding rows' input grad"
+
+
+@pytest.mark.parametrize("padding", ["nan-rows", "nan-buffers"])
+@pytest.mark.parametrize("kind", ["lowrank", "sparse", "dense"])
+def test_padding_rows_reach_no_gradient(dist1, kind, padding):
+    """Issue 16 defect 8: the kernels' new_empty rows past the counted ones reached the
+    base weight gradients; the unfused path split the rows by the counts and failed."""
+    dist1.run(padding_rows_reach_no_gradient, kind, padding)
+
+
+def fused_kernels_write_every_row(kind):
+    """The fused layer's kernels allocate hbar / d(base) with new_empty and write every row
+    (each token's slot-0 pair): with NaN-filled allocations the outputs and grads are the same."""
+    from ders_megatron.layers.specs import ders_moe_spec
+    from ders_megatron.testing.distributed import model_parallel
+    from ders_megatron.testing.models import tiny_config
+    from ders_megatron.testing.reference import randomize_deltas
+
+    with model_parallel():
+        config = tiny_config()
+        fused = ders_moe_spec(DeRSConfig(delta=KINDS[kind], impl="fused", kernel_tile=3))(config=config)
+        fused.set_layer_number(1)
+        randomize_deltas(fused)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(6, 2, config.hidden_size, generator=gen)
+        upstream = torch.randn(x.shape, generator=gen)
+        runs = []
+        for allocations in (contextlib.nullcontext(), NanAllocations()):
+            fused.zero_grad()
+            with allocations:
+                out, x_grad, _ = _run_layer(fused, x, upstream)
+            runs.append([out, x_grad] + [p.grad.clone() for p in fused.parameters() if p.requires_grad])
+        for i, (got, want) in enumerate(zip(runs[1], runs[0])):
+            assert torch.equal(got, want), f"{kind}: tensor {i} differs with NaN-filled allocations"
+
+
+@pytest.mark.parametrize("kind", ["lowrank", "sparse"])
+def test_fused_kernels_write_every_row(dist1, kind):
+    dist1.run(fused_kernels_write_every_row, kind)
+
+
+def test_kernel_refuses_rows_no_pair_covers():
+    from ders_megatron.layers.expert_compute import PairOrder
+
+    pairs = PairOrder.rows(torch.tensor([2, 1]), "cpu")
+    pairs.require_every_row(3)
+    with pytest.raises(ValueError, match="4 rows but 3"):
+        pairs.require_every_row(4)
 
 
 def kernel_on_no_rows(kind):

@@ -137,6 +137,24 @@ class PairOrder:
     def segments(self) -> list[tuple[int, int, int, bool]]:
         return _segments(self.counts_SE.flatten().tolist(), self.counts_SE.shape[1])
 
+    def require_every_row(self, rows: int) -> None:
+        """Refuse ``rows`` outputs that the slot-0 block does not write one by one.
+
+        The kernels allocate their per-token outputs (``hbar``, ``dout``, d(base)) with
+        ``new_empty``: each row is written by its token's slot-0 pair and added to by
+        the later slots. Both constructors put every token in slot 0 once
+        (:meth:`by_slot_and_expert` T tokens, :meth:`rows` each row its own token), so
+        that is every row exactly when the block holds ``rows`` pairs; a row outside it
+        would leave uninitialised memory in the output and, through the base linears,
+        in the weight gradients (``DeRSExperts.forward`` cuts a dispatcher's padding
+        rows off before the kernel for that reason)."""
+        slots = self.counts_SE.shape[0]
+        if self.order_P.numel() != slots * rows:
+            raise ValueError(
+                f"the DeRS kernel got {rows} rows but {self.order_P.numel()} (token, slot) pairs in "
+                f"{slots} slot(s): rows that belong to no pair would stay unwritten"
+            )
+
     def counts_per_expert(self, num_experts: int) -> list[int]:
         counts = [0] * num_experts
         for expert, start, stop, _ in self.segments:
@@ -235,6 +253,7 @@ def lowrank_swiglu_compute(experts, x_TH, pairs: PairOrder, p_Tk, tile: int) -> 
     _, cols = experts.base_slices["fc2"]
     E, R, H = gate.lora_A.shape
     T = x_TH.shape[0]
+    pairs.require_every_row(T)
     scale = gate.scale
 
     base_T2F, fc1_bias = experts.linear_fc1(x_TH)  # base fc1 once per token

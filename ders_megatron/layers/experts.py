@@ -235,7 +235,25 @@ class DeRSExperts(MegatronModule):
         dispatched rows: the same math as :meth:`forward_unfused` without its per-expert
         ``[rows, F]`` temporaries, which made the drop-in layer 1.19x slower than
         megatron's SequentialMLP and 2x the dense MLP's memory (docs/benchmarks.md).
+
+        Rows past ``sum(tokens_per_expert)`` belong to no token: HybridEP's static budget
+        hands the experts ``num_permuted_tokens`` rows however many were routed
+        (``transformer/moe/token_dispatcher.py:1089-1103,1165-1170``; TEGroupedMLP's
+        grouped GEMMs read only the counted rows). They are cut off before any GEMM, so
+        neither their contents nor an unwritten kernel buffer reaches a weight gradient,
+        and their output rows are zeros.
         """
+        rows = dispatched_input.shape[0]
+        valid = int(tokens_per_expert.sum())  # a CPU tensor by the experts contract: no device sync
+        if valid < rows:
+            out_TH, _ = self._forward_counted_rows(
+                dispatched_input[:valid], tokens_per_expert, permuted_probs[:valid]
+            )
+            return torch.nn.functional.pad(out_TH, (0, 0, 0, rows - valid)), None
+        return self._forward_counted_rows(dispatched_input, tokens_per_expert, permuted_probs)
+
+    def _forward_counted_rows(self, dispatched_input, tokens_per_expert, permuted_probs):
+        """:meth:`forward` on rows that are exactly the counted ones."""
         if self.uses_lowrank_kernel():
             out_TH = dropin_lowrank_swiglu(
                 self, dispatched_input, tokens_per_expert, permuted_probs, self.ders.kernel_tile

@@ -45,6 +45,7 @@ def sparse_swiglu_applies(experts) -> bool:
 
 def sparse_swiglu_compute(experts, x_TH, pairs, p_Tk, tile: int) -> torch.Tensor:
     """Σ_s p_s · expert_{e_s}(x) for every token: [T, H] (a partial sum over TP when sharded)."""
+    pairs.require_every_row(x_TH.shape[0])  # every row of hbar / dout / d(base) is written
     deltas = experts.deltas
     indexes = [
         tuple(deltas[m].sparse_index(e, *experts.base_slices[m]) for m in MATRICES)
