@@ -132,3 +132,48 @@ def test_base_init_leaves_the_cuda_generators_alone(dist1):
     """The seeded base init reseeded every CUDA generator through torch.manual_seed, which
     fork_rng(devices=[]) does not restore (issue 16): only the CPU generator is seeded now."""
     assert dist1.run(cuda_seeds_during_build)[0] == []
+
+
+def prob_grads_in_bf16(kind):
+    """(DeRS experts' dL/dp, SequentialMLP's dL/dp, max |Δ output|) in bf16 with fp32 router
+    probabilities, every delta zero (so both run the same bf16 products on the same weights)."""
+    from ders_megatron.testing.distributed import model_parallel
+    from ders_megatron.testing.models import tiny_config
+    from ders_megatron.testing.reference import build_moe_layers, load_synthesized
+
+    with model_parallel():
+        config = tiny_config(params_dtype=torch.bfloat16, bf16=True, moe_router_dtype="fp32")
+        dropin, vanilla = build_moe_layers(config, DeRSConfig(delta=KINDS[kind]))
+        dropin, vanilla = dropin.to(torch.bfloat16), vanilla.to(torch.bfloat16)
+        experts = dropin.experts
+        assert experts.uses_lowrank_kernel() if kind == "lowrank" else experts.uses_sparse_kernel()
+        assert all(not p.any() for n, p in experts.named_parameters() if n.endswith(("lora_B", "values")))
+        load_synthesized(dropin, vanilla)
+        gen = torch.Generator().manual_seed(0)
+        tokens_per_expert = torch.tensor([5, 0, 7, 3])
+        x = torch.randn(15, config.hidden_size, generator=gen).to(torch.bfloat16)
+        probs = torch.rand(15, generator=gen)  # fp32, as --moe-router-dtype fp32 dispatches them
+        upstream = torch.randn(15, config.hidden_size, generator=gen).to(torch.bfloat16)
+        results = []
+        for module in (experts, vanilla.experts):
+            p = probs.clone().requires_grad_(True)
+            out, _ = module(x, tokens_per_expert, p)
+            (out * upstream).sum().backward()
+            results.append((out.detach(), p.grad))
+        (out, dp), (ref_out, ref_dp) = results
+        return dp, ref_dp, float((out.float() - ref_out.float()).abs().max())
+
+
+@pytest.mark.parametrize("kind", ["lowrank", "sparse"])
+def test_router_prob_grad_is_fp32_as_sequential_mlp(dist1, kind):
+    """Issue 16 defect 8: the kernels rounded p to bf16 for h·p and summed dL/dp into bf16,
+    where megatron's MLP scales by the fp32 probabilities and autograd sums dL/dp in fp32
+    from exact products (transformer/mlp.py:337-340)."""
+    dp, ref_dp, out_diff = dist1.run(prob_grads_in_bf16, kind)[0]
+    assert dp.dtype == ref_dp.dtype == torch.float32
+    # Zero deltas: both paths run the same bf16 GEMMs / SiLU on the same weights, so the
+    # outputs agree bit for bit and dL/dp (|dL/dp| <= 7e-3 here) can differ only by the order
+    # of an fp32 sum over F = 64 exact products, ~1e-9 (measured: 0). The old kernels' bf16
+    # rounding of p and of dL/dp missed by up to 1.7e-5 (2.5e-3 of the largest).
+    torch.testing.assert_close(dp, ref_dp, atol=1e-8, rtol=1e-5)
+    assert out_diff == 0.0  # h·p rounded once (p not first rounded to bf16)

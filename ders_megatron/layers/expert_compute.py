@@ -37,6 +37,7 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
+from ders_megatron.layers.prob_grads import exact_products, prob_grad_dtype
 from ders_megatron.layers.sparse_compute import sparse_swiglu_applies, sparse_swiglu_compute
 
 # Elements per [rows, F] scratch buffer of the low-rank kernel on CPU. Measured on
@@ -273,7 +274,7 @@ def lowrank_swiglu_compute(experts, x_TH, pairs: PairOrder, p_Tk, tile: int) -> 
     )
     v_PR = v_PR[:, :R]
     out_TH, fc2_bias = experts.linear_fc2(hbar_TF)  # base fc2 once per token, on Σ_s p_s h_s
-    pv_PR = v_PR * (p_P * scale).unsqueeze(1).to(v_PR.dtype)
+    pv_PR = (v_PR * (p_P * scale).unsqueeze(1)).to(v_PR.dtype)  # in p's dtype: dp stays fp32 (prob_grad_dtype)
     z_TER = v_PR.new_zeros(T, E, R).index_put((pairs.token_P, pairs.expert_P), pv_PR)  # (token, expert) unique
     out_TH = torch.addmm(out_TH, z_TER.view(T, E * R), fc2.lora_B.permute(1, 0, 2).reshape(-1, E * R).t())
     if fc2_bias is not None:
@@ -372,7 +373,7 @@ class _LowRankSwiGLU(torch.autograd.Function):
         base_T2F = base_T2F.contiguous()
         b1g_ERF, b1u_ERF, a2_ERF = b1g_ERF.contiguous(), b1u_ERF.contiguous(), a2_ERF.contiguous()
         R, F_ = a2_ERF.shape[1:]
-        p_P1 = p_P.detach().unsqueeze(1).to(base_T2F.dtype)
+        p_P1 = p_P.detach().unsqueeze(1)  # its own dtype: h·p rounds once, as megatron's MLP (mlp.py:337-340)
         hbar_TF = base_T2F.new_empty(base_T2F.shape[0], F_)
         v_PR = base_T2F.new_empty(p_P.shape[0], R)
         longest = max((t.token_n.shape[0] for t in tiles), default=0)
@@ -396,8 +397,9 @@ class _LowRankSwiGLU(torch.autograd.Function):
         R, F_ = a2_ERF.shape[1:]
         dhbar_TF = dhbar_TF.contiguous()
         dv_PR = a_P2R.new_zeros(a_P2R.shape[0], R) if dv_PR is None else dv_PR.contiguous()
-        grads = _Grads(base_T2F, a_P2R, a2_ERF)
+        grads = _Grads(base_T2F, a_P2R, a2_ERF, ctx.p_dtype)
         g_, u_, s_, dh_ = _scratch(base_T2F, ctx.longest, F_, 4)
+        hp_ = base_T2F.new_empty(ctx.longest, F_, dtype=grads.p_P.dtype)  # h·dhbar, exact products
         dgu = base_T2F.new_empty(ctx.longest, 2 * F_)  # [dg | du]: one contiguous row per pair
         for t in ctx.tiles:
             n, c, offsets = t.token_n.shape[0], t.pairs, t.offsets_E
@@ -407,7 +409,7 @@ class _LowRankSwiGLU(torch.autograd.Function):
             h = torch.mul(s, u)
             grads.a2_ERF += _gmm(dv_PR[c].t(), h, offsets)  # v = A2_e h
             torch.index_select(dhbar_TF, 0, t.token_n, out=dh)  # dL/d(p h)
-            torch.sum(h.mul_(dh), 1, out=grads.p_P[c])  # dL/dp = h · dhbar
+            torch.sum(exact_products(h, dh, hp_[:n]), 1, out=grads.p_P[c])  # dL/dp = h · dhbar
             dLdh = _gmm(dv_PR[c], a2_ERF, offsets).addcmul_(dh, p_P1[c])  # p·dhbar + A2_eᵀ dv
             torch.mul(dLdh, s, out=dgu_[:, F_:])  # du = dL/dh · silu(g)
             torch.mul(dLdh, u, out=dh)  # dL/dh · u
@@ -420,10 +422,10 @@ class _LowRankSwiGLU(torch.autograd.Function):
 class _Grads:
     """Gradient buffers of :class:`_LowRankSwiGLU`; the factor gradients accumulate tile by tile."""
 
-    def __init__(self, base_T2F, a_P2R, a2_ERF):
+    def __init__(self, base_T2F, a_P2R, a2_ERF, p_dtype):
         self.base_T2F = torch.empty_like(base_T2F)  # every row written by its token's slot-0 pair
         self.a_P2R = torch.empty_like(a_P2R)
-        self.p_P = a_P2R.new_empty(a_P2R.shape[0])
+        self.p_P = a_P2R.new_empty(a_P2R.shape[0], dtype=prob_grad_dtype(p_dtype))
         self.b1g_ERF, self.b1u_ERF, self.a2_ERF = (torch.zeros_like(a2_ERF) for _ in range(3))
 
     def add_pair_tile(self, t: KernelTile, dgu_n2F, a_n2R, b1g_ERF, b1u_ERF):

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ders_megatron.core.deltas import PositionDeltas
 from ders_megatron.core.sparse_product import delta_t_times, delta_times, sampled_grad, sparse_dtype
+from ders_megatron.layers.prob_grads import exact_products, prob_grad_dtype
 
 MATRICES = ("fc1_gate", "fc1_up", "fc2")
 
@@ -77,7 +78,7 @@ class _SparseSwiGLU(torch.autograd.Function):
         T, F_ = base_T2F.shape[0], base_T2F.shape[1] // 2
         cd = sparse_dtype(base_T2F.dtype)
         vals = _expert_values(indexes, (vg_EK, vu_EK, v2_EK))
-        p_P1 = p_P.detach().unsqueeze(1).to(base_T2F.dtype)
+        p_P1 = p_P.detach().unsqueeze(1)  # its own dtype: h·p rounds once, as megatron's MLP
         hbar_TF = base_T2F.new_empty(T, F_)
         dout_TH = base_T2F.new_empty(T, x_TH.shape[1])
         plan = _plan(segments, token_P, tile)
@@ -102,8 +103,9 @@ class _SparseSwiGLU(torch.autograd.Function):
         vals = _expert_values(indexes, (vg_EK, vu_EK, v2_EK))
         F_ = base_T2F.shape[1] // 2
         dhbar_TF = dhbar_TF.contiguous()
-        grads = _Grads(base_T2F, x_TH, (vg_EK, vu_EK, v2_EK), indexes, p_P1.shape[0])
+        grads = _Grads(base_T2F, x_TH, (vg_EK, vu_EK, v2_EK), indexes, p_P1.shape[0], ctx.p_dtype)
         g_, u_, s_ = (base_T2F.new_empty(ctx.tile, F_) for _ in range(3))
+        hG_ = base_T2F.new_empty(ctx.tile, F_, dtype=grads.p_P.dtype)  # h·G, exact products
         dgu = base_T2F.new_empty(ctx.tile, 2 * F_)  # [dg | du]: one contiguous row per pair
         for e, c, tok, first in ctx.plan:
             n = c.stop - c.start
@@ -116,7 +118,7 @@ class _SparseSwiGLU(torch.autograd.Function):
             G = torch.index_select(dhbar_TF, 0, tok)
             G.add_(delta_t_times(indexes[e][2], vals[e][2], ddoutT).t())  # dL/d(p h)
             grads.add_values(e, 2, indexes[e][2], ddoutT.mul_(p_P1[c].t().to(cd)), h.to(cd))
-            torch.sum(h.mul_(G), 1, out=grads.p_P[c])  # dL/dp = h·G
+            torch.sum(exact_products(h, G, hG_[:n]), 1, out=grads.p_P[c])  # dL/dp = h·G
             G.mul_(p_P1[c])  # dL/dh
             torch.mul(G, s, out=dgu_[:, F_:])  # du = dL/dh · silu(g)
             torch.ops.aten.silu_backward.grad_input(G.mul_(u), g, grad_input=dgu_[:, :F_])  # dg
@@ -136,10 +138,10 @@ class _Grads:
     """Gradient buffers of :class:`_SparseSwiGLU`; the values' gradients accumulate per
     (expert, matrix) in CSR order and land on the stored values at the end (kept positions only)."""
 
-    def __init__(self, base_T2F, x_TH, values, indexes, pairs: int):
+    def __init__(self, base_T2F, x_TH, values, indexes, pairs: int, p_dtype):
         self.base_T2F = torch.empty_like(base_T2F)  # every row written by its token's slot-0 pair
         self.x_TH = torch.zeros_like(x_TH)
-        self.p_P = base_T2F.new_empty(pairs)
+        self.p_P = base_T2F.new_empty(pairs, dtype=prob_grad_dtype(p_dtype))
         self.values, self.indexes = values, indexes
         self.dvals = {}  # (expert, matrix) -> [K'] in CSR order
 
