@@ -289,3 +289,54 @@ def test_bit_packing_stays_on_the_codes_device():
         assert packed.device.type == "meta" and packed.shape == (3, math.ceil(16 * bits / 8))
         assert unpack_bits(packed, bits, 16).device.type == "meta"
         assert remote.unpack_bits(packed, bits, 16).device.type == "meta"
+
+
+def _scale_parts(deltas):
+    """A quant module's fp32 group scales and (k >= 2) offsets."""
+    return [getattr(deltas, name) for name in ("scales", "offsets") if hasattr(deltas, name)]
+
+
+def quant_scales_under_float16_module(spec):
+    """A quant-codec DeRS layer wrapped in megatron's Float16Module (bf16): (scale/offset
+    dtypes, whether each kept its fp32 value, max |Δ̂| difference to fp32, max |output
+    difference| to the unwrapped layer run with bf16 base weights and fp32 scales)."""
+    from megatron.core.transformer.module import Float16Module
+
+    from ders_megatron.testing.distributed import model_parallel
+    from ders_megatron.testing.models import tiny_config
+    from ders_megatron.testing.reference import build_moe_layers
+
+    with model_parallel():
+        config = tiny_config(bf16=True, moe_router_dtype="fp32")
+        layer = build_moe_layers(config, _ders(spec))[0]
+        _fill_compressed(layer, spec)
+        quant = {m: d for m, d in layer.experts.deltas.items() if hasattr(d, "scales")}
+        before = {m: [p.detach().clone() for p in _scale_parts(d)] for m, d in quant.items()}
+        delta_before = {m: synthesized(d) for m, d in quant.items()}
+        reference = build_moe_layers(config, _ders(spec))[0]  # the intended numerics: every float bf16 but the fp32 scales
+        reference.load_state_dict(layer.state_dict())
+        for module in reference.modules():
+            for name, param in module.named_parameters(recurse=False):
+                if param.is_floating_point() and name not in ("scales", "offsets"):
+                    param.data = param.data.bfloat16()
+        wrapped = Float16Module(config, layer)
+        dtypes = sorted({str(p.dtype) for d in quant.values() for p in _scale_parts(d)})
+        kept = all(torch.equal(p, q) for m, d in quant.items() for p, q in zip(_scale_parts(d), before[m]))
+        delta_diff = max(float((synthesized(d) - delta_before[m]).abs().max()) for m, d in quant.items())
+        x = torch.randn(8, 2, config.hidden_size, generator=torch.Generator().manual_seed(0)).bfloat16()
+        with torch.no_grad():
+            out = wrapped(x, fp32_output=False)[0]
+            ref = reference(x)[0]
+        return dtypes, kept, delta_diff, float((out.float() - ref.float()).abs().max())
+
+
+@pytest.mark.parametrize("spec", ["quant:1", "quant:3"])
+def test_quant_scales_stay_fp32_under_float16_module(dist1, spec):
+    """Issue 16 defect 8: Float16Module's module.bfloat16() rounded the fp32 group scales
+    and offsets to bf16 (a different Δ̂ than the one compressed). They stay fp32 now: Δ̂ is
+    bit for bit the fp32 one, and the wrapped layer computes what a bf16 layer with fp32
+    scales computes (same ops on the same values: equal)."""
+    dtypes, kept, delta_diff, out_diff = dist1.run(quant_scales_under_float16_module, spec)[0]
+    assert dtypes == ["torch.float32"]
+    assert kept and delta_diff == 0.0
+    assert out_diff == 0.0

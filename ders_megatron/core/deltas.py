@@ -345,6 +345,29 @@ class QuantDeltas(ExpertDeltas):
         for param in self.parameters():
             param.zero_()
 
+    def _apply(self, fn, recurse=True):
+        """Moves and casts as ``nn.Module._apply``, except that the group scales and offsets
+        stay fp32 under a cast to fp16/bf16.
+
+        megatron's ``Float16Module`` casts the whole model with ``module.bfloat16()`` /
+        ``.half()`` (``transformer/module.py:457-467``), which would round every scale to
+        8 bits of mantissa: a k-bit code's step is only as fine as its scale. megatron keeps
+        its own fp32 router state by casting it back (``moe/router.py:259-275``); keeping the
+        cast from happening loses nothing. DDP and the optimizer take fp32 parameters beside
+        bf16 ones (buffers per dtype), and :meth:`delta_weight` computes in fp32 anyway."""
+        keep = {id(t) for p in self._fp32_parts() for t in (p, p.grad) if t is not None}
+
+        def apply_keeping_fp32(t):
+            out = fn(t)
+            if id(t) in keep and out.dtype in (torch.float16, torch.bfloat16):
+                return t.to(device=out.device)  # the move, without the cast
+            return out
+
+        return super()._apply(apply_keeping_fp32, recurse)
+
+    def _fp32_parts(self) -> list[nn.Parameter]:
+        return [self.scales] + ([self.offsets] if self.bits > 1 else [])
+
     def delta_weight(self, expert, rows=None, cols=None):
         rows = rows or slice(None)
         q_OI = unpack_bits(self.codes[expert, rows], self.bits, self.in_features).float()
