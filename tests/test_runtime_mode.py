@@ -107,3 +107,31 @@ def test_training_loss_gets_megatrons_nan_checks(dist1):
     assert "found NaN in local forward loss" in outcomes["nan"]
     assert "found Inf in local forward loss" in outcomes["inf"]
     assert outcomes["finite"] == "ok" and outcomes["nan-unchecked"] == "ok"
+
+
+TOOL_ON_A_CUDA_MACHINE = """
+import torch
+torch.cuda.is_available = lambda: True  # a CUDA machine, as far as the tool can tell
+from ders_megatron.convert.compress.calibration import evaluate
+from ders_megatron.io.session import single_rank_megatron
+from ders_megatron.pipeline.launch import device_flags
+from ders_megatron.testing.models import build_gpt, tiny_batch, tiny_config
+with single_rank_megatron():
+    model = build_gpt(tiny_config())
+    loss = evaluate(model, [tiny_batch()])["loss"]  # the compress/analyze tools' forward
+    print(model.rotary_pos_emb.inv_freq.device.type, next(model.parameters()).device.type,
+          loss == loss, device_flags())
+"""
+
+
+def test_tools_compute_on_cpu_on_a_cuda_machine():
+    """The single-process tools build their models on the CPU; on a CUDA machine the CPU
+    runtime was a no-op, so megatron's CUDA path moved RoPE's inv_freq (and its masks and
+    router statistics) to the GPU under a CPU model (issue 16). Here torch.cuda.is_available
+    answers True on this CPU-only torch, which is the trigger: before the fix the tool
+    reached torch.cuda and failed; now it computes on the CPU, and a launcher still sees
+    the machine's CUDA (no --cpu for its training children)."""
+    result = subprocess.run([sys.executable, "-c", TOOL_ON_A_CUDA_MACHINE], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-4:] == ["cpu", "cpu", "True", "[]"]

@@ -8,7 +8,11 @@ model, router, token dispatchers, DDP, optimizer, schedules and
 dist_checkpointing run on a CPU-only machine with the gloo backend.
 
 It is opt-in (``--cpu`` in our scripts, automatic in the tests), idempotent, and
-a no-op when CUDA is present. Every patch names the megatron-core 0.19.2 file
+a no-op when CUDA is present unless forced: the single-process tools
+(``io/session.py``) force it, so their models, batches and everything megatron
+puts on ``torch.cuda.current_device()`` (RoPE's ``inv_freq``,
+``models/common/embeddings/rotary_pos_embedding.py:160-162``) stay on the CPU
+together on a CUDA machine too. Every patch names the megatron-core 0.19.2 file
 and line it covers (paths relative to ``megatron/core/``). Not covered: the
 ``flex`` dispatcher (DeepEP/HybridEP), Transformer Engine, fused CUDA kernels,
 CUDA graphs, and optimizer-state checkpoints on the torch-Adam fallback (see
@@ -25,6 +29,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 _ENABLED = False
+_CUDA_PRESENT: bool | None = None  # torch.cuda.is_available() before a forced runtime patched it
 
 CPU_MODE_HINT = (
     "CUDA is not available on this machine. megatron-core needs CUDA unless the "
@@ -260,8 +265,9 @@ def _patch_torch_cuda() -> None:
     # ...but with PYTORCH_NVML_BASED_CUDA_CHECK=1 (accelerate sets it in os.environ on import,
     # and spawned ranks inherit it) torch.cuda.is_available() answers device_count() > 0
     # (torch/cuda/__init__.py:219-223), which the line above makes True on a machine without
-    # CUDA: ranks then pick nccl (distributed_backend) and fail. The runtime is only on where
-    # CUDA is absent, so the answer is False.
+    # CUDA: ranks then pick nccl (distributed_backend) and fail. The runtime is on where CUDA
+    # is absent or where a tool forced the CPU, so the answer is False (cuda_present() keeps
+    # the machine's own answer).
     cuda.is_available = _cuda_unavailable
     # training/initialize.py:282 selects the local device once device_count() > 0
     cuda.set_device = _set_device
@@ -307,18 +313,27 @@ def _patch_megatron() -> None:
         token_dispatcher.maybe_move_tensor_to_cpu = move_to_cpu
 
 
-def enable_cpu_runtime() -> bool:
+def cuda_present() -> bool:
+    """Whether this machine has CUDA, even after a forced CPU runtime answers ``False`` for
+    ``torch.cuda.is_available()`` (what a launcher asks before starting a GPU job)."""
+    return torch.cuda.is_available() if _CUDA_PRESENT is None else _CUDA_PRESENT
+
+
+def enable_cpu_runtime(force: bool = False) -> bool:
     """Switch megatron-core to the CPU. Returns True if the CPU runtime is active.
 
-    A no-op (returning False) when CUDA is available. Also disables dynamo:
-    megatron's jit fuser is ``torch.compile`` and one router took 16 s to compile
-    on this CPU.
+    A no-op (returning False) when CUDA is available, unless ``force``: then this
+    process computes on the CPU although CUDA is there (and ``torch.cuda`` answers as
+    on a CPU-only machine; :func:`cuda_present` still tells the truth). Also disables
+    dynamo: megatron's jit fuser is ``torch.compile`` and one router took 16 s to
+    compile on this CPU.
     """
-    global _ENABLED
-    if torch.cuda.is_available():
-        return False
+    global _ENABLED, _CUDA_PRESENT
     if _ENABLED:
         return True
+    if torch.cuda.is_available() and not force:
+        return False
+    _CUDA_PRESENT = torch.cuda.is_available()
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     from torch import _dynamo
 

@@ -42,9 +42,11 @@ class StepFailed(RuntimeError):
 
 
 def device_flags() -> list[str]:
-    import torch
+    """``--cpu`` for a child where this machine has no CUDA (asked of the machine, not of
+    this process, whose in-process scoring runs on the CPU runtime, io/session.py)."""
+    from ders_megatron.layers.runtime import cuda_present
 
-    return [] if torch.cuda.is_available() else ["--cpu"]
+    return [] if cuda_present() else ["--cpu"]
 
 
 def child_env(threads: int = 1) -> dict[str, str]:

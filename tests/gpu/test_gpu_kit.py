@@ -7,7 +7,9 @@ layer benchmark on CUDA in one timed go and prints one table.
   outputs, input gradients and every expert weight gradient;
 * Transformer Engine base linears vs the local ones (same weights);
 * one Megatron training run of a tiny DeRS GPT on 1 GPU (TE where installed, bf16):
-  the loss falls and no NaN/spike check fires.
+  the loss falls and no NaN/spike check fires;
+* the single-process tools compute on the CPU beside a real GPU (model, RoPE's
+  ``inv_freq`` and megatron's own tensors on one device).
 """
 
 import os
@@ -119,3 +121,17 @@ def test_tiny_ders_gpt_trains_on_one_gpu(tmp_path):
     first, last = losses[min(losses)], losses[max(losses)]
     assert last < first and all(v == v for v in losses.values()), losses
     print(f"\n[gpu-kit] tiny DeRS GPT ({impl}, bf16): loss {first:.3f} -> {last:.3f} in {len(losses)} iterations")
+
+
+def test_tools_compute_on_cpu_beside_cuda():
+    """The single-process tools (compress, analyze, import, upcycle) force the CPU runtime
+    where CUDA is present: a CPU model's forward no longer meets RoPE's inv_freq moved to
+    the GPU (issue 16). tests/test_runtime_mode.py simulates this on CPU; here CUDA is real.
+    In a subprocess: the forced runtime patches torch.cuda for the rest of its process."""
+    from tests.test_runtime_mode import TOOL_ON_A_CUDA_MACHINE
+
+    script = "\n".join(line for line in TOOL_ON_A_CUDA_MACHINE.splitlines() if "lambda: True" not in line)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-4:] == ["cpu", "cpu", "True", "[]"]
