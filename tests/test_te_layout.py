@@ -213,3 +213,88 @@ def test_missing_tensor_is_named_before_any_work(dist1, tmp_path):
     message, wrote = dist1.run(missing_key_is_named, str(tmp_path))[0]
     assert "output_layer.weight" in message and "--transformer-impl transformer_engine" in message, message
     assert wrote is False
+
+
+# --------------------------------------------------------------------------- #
+# A TE-layout checkpoint saved by 2 ranks (TP=2, EP=2) feeds every tool.
+# --------------------------------------------------------------------------- #
+TWO_RANK_LAYOUTS = {"dense": dict(tp=2), "moe": dict(ep=2), "ders": dict(tp=2)}
+
+
+def local_sources(workdir):
+    """World size 1, local layout: dense -> upcycled vanilla MoE and DeRS-LM."""
+    from ders_megatron.convert.upcycle import UpcycleConfig, upcycle_checkpoint
+
+    save_dense(f"{workdir}/local/dense", tiny_args())
+    upcycle_checkpoint(f"{workdir}/local/dense", f"{workdir}/local/moe", UpcycleConfig(kind="vanilla", num_experts=4))
+    upcycle_checkpoint(f"{workdir}/local/dense", f"{workdir}/local/ders",
+                       UpcycleConfig(kind="lowrank", num_experts=4, rank=2))
+
+
+def resave_as_te_by_two_ranks(workdir):
+    """Each local checkpoint loaded at a 2-rank layout and saved by both ranks, keyed for TE."""
+    from ders_megatron.io.checkpoint import load_common, load_model, save_model
+    from ders_megatron.testing.distributed import model_parallel
+    from compress_helpers import args_at
+
+    for name, layout in TWO_RANK_LAYOUTS.items():
+        args = load_common(f"{workdir}/local/{name}")["args"]
+        te_args = copy.copy(args)
+        te_args.transformer_impl = TE
+        with model_parallel(**layout):
+            model = build(args, layout)
+            load_model(model, f"{workdir}/local/{name}")
+            save_model(model, f"{workdir}/te2/{name}", args=args_at(te_args, **layout))
+
+
+def tools_read_two_rank_te(workdir):
+    """Every tool on the 2-rank TE checkpoints gives what it gives on the local ones."""
+    from ders_megatron.convert.compress.pipeline import CompressConfig, compress_checkpoint
+    from ders_megatron.convert.hf.exporter import export_hf
+    from ders_megatron.convert.upcycle import UpcycleConfig, upcycle_checkpoint
+    from ders_megatron.io.checkpoint import load_full_tensors, tensor_shapes
+    from ders_megatron.io.layout import other_layout_key
+
+    def same_tensors(local_root, te_root):
+        local_keys = sorted(tensor_shapes(local_root))
+        te_names = set(tensor_shapes(te_root))
+        te_keys = [k if k in te_names else other_layout_key(k) for k in local_keys]
+        assert len(te_names) == len(te_keys), (local_root, te_root)
+        local, te = load_full_tensors(local_root, local_keys), load_full_tensors(te_root, te_keys)
+        for a, b in zip(local_keys, te_keys):
+            assert torch.equal(local[a], te[b]), (te_root, a, b)
+
+    from ders_megatron.io.checkpoint import load_common
+
+    impls = {}
+    for name, layout in TWO_RANK_LAYOUTS.items():
+        keys, objects, impls[name] = checkpoint_content(f"{workdir}/te2/{name}")
+        args = load_common(f"{workdir}/te2/{name}")["args"]
+        saved_at = dict(tp=args.tensor_model_parallel_size, ep=args.expert_model_parallel_size)
+        assert saved_at == {"tp": 1, "ep": 1, **layout}, (name, saved_at)
+        assert "decoder.final_layernorm._extra_state" in objects, name  # TE's norm objects...
+        assert name == "dense" or any(".pre_mlp_layernorm." in k for k in keys), name  # ...and MoE norm name
+        same_tensors(f"{workdir}/local/{name}", f"{workdir}/te2/{name}")
+        # fp32 on one CPU, same tensors: the logits are bit-identical.
+        assert torch.equal(logits_of(f"{workdir}/te2/{name}"), logits_of(f"{workdir}/local/{name}")), name
+    upcycle_checkpoint(f"{workdir}/te2/dense", f"{workdir}/out/moe", UpcycleConfig(kind="vanilla", num_experts=4),
+                       transformer_impl="local")
+    same_tensors(f"{workdir}/local/moe", f"{workdir}/out/moe")
+    for src in ("local", "te2"):
+        compress_checkpoint(f"{workdir}/{src}/moe", f"{workdir}/out/{src}-compressed",
+                            CompressConfig(codecs="svd:2", base="mean"))
+        export_hf(f"{workdir}/{src}/ders", f"{workdir}/out/{src}-hf", fmt="ders")
+    same_tensors(f"{workdir}/out/local-compressed", f"{workdir}/out/te2-compressed")
+    hf = [{p.name: p.read_bytes() for p in Path(workdir, "out", f"{src}-hf").iterdir() if p.suffix == ".safetensors"}
+          for src in ("local", "te2")]
+    assert hf[0] and hf[0] == hf[1]
+    return impls
+
+
+def test_te_layout_saved_by_two_ranks_feeds_every_tool(dist1, dist2, tmp_path):
+    """Issue 16 item 2 at 2 ranks: a TE-keyed checkpoint written collectively at TP=2 (dense,
+    DeRS) and EP=2 (vanilla MoE) holds the local checkpoint's tensors under TE's names, loads
+    to the same logits, and upcycle / compress / HF export read it to the same outputs."""
+    dist1.run(local_sources, str(tmp_path))
+    dist2.run(resave_as_te_by_two_ranks, str(tmp_path))
+    assert dist1.run(tools_read_two_rank_te, str(tmp_path))[0] == {name: TE for name in TWO_RANK_LAYOUTS}
