@@ -37,7 +37,7 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
-from ders_megatron.layers.prob_grads import exact_products, prob_grad_dtype
+from ders_megatron.layers.prob_grads import exact_products, prob_grad_dtype, product_scratch
 from ders_megatron.layers.sparse_compute import sparse_swiglu_applies, sparse_swiglu_compute
 
 # Elements per [rows, F] scratch buffer of the low-rank kernel on CPU. Measured on
@@ -399,7 +399,7 @@ class _LowRankSwiGLU(torch.autograd.Function):
         dv_PR = a_P2R.new_zeros(a_P2R.shape[0], R) if dv_PR is None else dv_PR.contiguous()
         grads = _Grads(base_T2F, a_P2R, a2_ERF, ctx.p_dtype)
         g_, u_, s_, dh_ = _scratch(base_T2F, ctx.longest, F_, 4)
-        hp_ = base_T2F.new_empty(ctx.longest, F_, dtype=grads.p_P.dtype)  # h·dhbar, exact products
+        hp_ = product_scratch(base_T2F, ctx.longest, F_, grads.p_P.dtype)  # h·dhbar, exact products
         dgu = base_T2F.new_empty(ctx.longest, 2 * F_)  # [dg | du]: one contiguous row per pair
         for t in ctx.tiles:
             n, c, offsets = t.token_n.shape[0], t.pairs, t.offsets_E
@@ -409,7 +409,7 @@ class _LowRankSwiGLU(torch.autograd.Function):
             h = torch.mul(s, u)
             grads.a2_ERF += _gmm(dv_PR[c].t(), h, offsets)  # v = A2_e h
             torch.index_select(dhbar_TF, 0, t.token_n, out=dh)  # dL/d(p h)
-            torch.sum(exact_products(h, dh, hp_[:n]), 1, out=grads.p_P[c])  # dL/dp = h · dhbar
+            torch.sum(exact_products(h, dh, hp_), 1, out=grads.p_P[c])  # dL/dp = h · dhbar
             dLdh = _gmm(dv_PR[c], a2_ERF, offsets).addcmul_(dh, p_P1[c])  # p·dhbar + A2_eᵀ dv
             torch.mul(dLdh, s, out=dgu_[:, F_:])  # du = dL/dh · silu(g)
             torch.mul(dLdh, u, out=dh)  # dL/dh · u

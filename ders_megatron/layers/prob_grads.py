@@ -25,9 +25,17 @@ def prob_grad_dtype(p_dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(p_dtype, torch.float32)
 
 
-def exact_products(a_nF: torch.Tensor, b_nF: torch.Tensor, out_nF: torch.Tensor) -> torch.Tensor:
-    """a·b element-wise in ``out``'s dtype (fp32 for bf16 a, b: the products are exact there);
-    in place in ``a`` when the dtypes agree."""
-    if a_nF.dtype == out_nF.dtype:
+def product_scratch(like: torch.Tensor, rows: int, columns: int, grad_dtype: torch.dtype):
+    """A [rows, F] buffer for :func:`exact_products` when the activations are narrower than
+    ``grad_dtype`` (bf16/fp16 models), else None (the product goes in place)."""
+    if like.dtype == grad_dtype:
+        return None
+    return like.new_empty(rows, columns, dtype=grad_dtype)
+
+
+def exact_products(a_nF: torch.Tensor, b_nF: torch.Tensor, scratch_nF: torch.Tensor | None) -> torch.Tensor:
+    """a·b element-wise: in ``scratch`` (fp32 for bf16 a, b: the products are exact there),
+    or in place in ``a`` without one."""
+    if scratch_nF is None:
         return a_nF.mul_(b_nF)
-    return out_nF.copy_(a_nF).mul_(b_nF)
+    return scratch_nF[: a_nF.shape[0]].copy_(a_nF).mul_(b_nF)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ders_megatron.core.deltas import PositionDeltas
 from ders_megatron.core.sparse_product import delta_t_times, delta_times, sampled_grad, sparse_dtype
-from ders_megatron.layers.prob_grads import exact_products, prob_grad_dtype
+from ders_megatron.layers.prob_grads import exact_products, prob_grad_dtype, product_scratch
 
 MATRICES = ("fc1_gate", "fc1_up", "fc2")
 
@@ -105,7 +105,7 @@ class _SparseSwiGLU(torch.autograd.Function):
         dhbar_TF = dhbar_TF.contiguous()
         grads = _Grads(base_T2F, x_TH, (vg_EK, vu_EK, v2_EK), indexes, p_P1.shape[0], ctx.p_dtype)
         g_, u_, s_ = (base_T2F.new_empty(ctx.tile, F_) for _ in range(3))
-        hG_ = base_T2F.new_empty(ctx.tile, F_, dtype=grads.p_P.dtype)  # h·G, exact products
+        hG_ = product_scratch(base_T2F, ctx.tile, F_, grads.p_P.dtype)  # h·G, exact products
         dgu = base_T2F.new_empty(ctx.tile, 2 * F_)  # [dg | du]: one contiguous row per pair
         for e, c, tok, first in ctx.plan:
             n = c.stop - c.start
@@ -118,7 +118,7 @@ class _SparseSwiGLU(torch.autograd.Function):
             G = torch.index_select(dhbar_TF, 0, tok)
             G.add_(delta_t_times(indexes[e][2], vals[e][2], ddoutT).t())  # dL/d(p h)
             grads.add_values(e, 2, indexes[e][2], ddoutT.mul_(p_P1[c].t().to(cd)), h.to(cd))
-            torch.sum(exact_products(h, G, hG_[:n]), 1, out=grads.p_P[c])  # dL/dp = h·G
+            torch.sum(exact_products(h, G, hG_), 1, out=grads.p_P[c])  # dL/dp = h·G
             G.mul_(p_P1[c])  # dL/dh
             torch.mul(G, s, out=dgu_[:, F_:])  # du = dL/dh · silu(g)
             torch.ops.aten.silu_backward.grad_input(G.mul_(u), g, grad_input=dgu_[:, :F_])  # dg
