@@ -48,12 +48,13 @@ class SparseIndex:
     """
 
     shape: tuple[int, int]  # (O, I) of the slice
-    crow_O: torch.Tensor  # [O + 1] int64 row pointers of Δ
+    crow_O: torch.Tensor  # [O + 1] row pointers of Δ (csr_index_dtype)
     row_K: torch.Tensor  # [K] int64 row of each entry
     col_K: torch.Tensor  # [K] int64 column of each entry
+    csr_col_K: torch.Tensor  # [K] col_K in csr_index_dtype: the CSR tensors' column indices
     value_index_K: torch.Tensor | None  # [K] int64 into the expert's values, or None (identity)
-    crow_t_I: torch.Tensor  # [I + 1] int64 row pointers of Δᵀ
-    row_t_K: torch.Tensor  # [K] int64 columns of Δᵀ (rows of Δ), in Δᵀ's order
+    crow_t_I: torch.Tensor  # [I + 1] row pointers of Δᵀ (csr_index_dtype)
+    row_t_K: torch.Tensor  # [K] columns of Δᵀ (rows of Δ), in Δᵀ's order (csr_index_dtype)
     order_t_K: torch.Tensor  # [K] int64: entry of Δ's order at each place of Δᵀ's order
     nnz: int
     device: torch.device
@@ -64,7 +65,7 @@ class SparseIndex:
 
     def matrix(self, vals_K: torch.Tensor) -> torch.Tensor:
         """Δ as a CSR tensor [O, I] over ``vals_K`` (CSR order)."""
-        return torch.sparse_csr_tensor(self.crow_O, self.col_K, vals_K, self.shape, check_invariants=False)
+        return torch.sparse_csr_tensor(self.crow_O, self.csr_col_K, vals_K, self.shape, check_invariants=False)
 
     def matrix_t(self, vals_K: torch.Tensor) -> torch.Tensor:
         """Δᵀ as a CSR tensor [I, O] over ``vals_K`` (Δ's CSR order)."""
@@ -75,6 +76,17 @@ class SparseIndex:
         """Δ as a dense [O, I] float32 tensor: for merging and references only, never in a product."""
         out = torch.zeros(self.shape, dtype=torch.float32, device=vals_K.device)
         return out.index_put((self.row_K, self.col_K), vals_K.float())
+
+    def pattern(self, dtype: torch.dtype) -> torch.Tensor:
+        """Δ's positions as a CSR tensor of zeros: the accumulator of :func:`sampled_grad_into`."""
+        vals_K = torch.zeros(self.nnz, dtype=dtype, device=self.device)
+        return torch.sparse_csr_tensor(self.crow_O, self.csr_col_K, vals_K, self.shape, check_invariants=False)
+
+
+def csr_index_dtype(nnz: int, shape: tuple[int, int]) -> torch.dtype:
+    """int32 where the counts fit: MKL (LP64) and cuSPARSE take 32-bit CSR indices as they are,
+    and convert int64 ones on every call (``aten::copy_`` of each index array, per product)."""
+    return torch.int32 if max(nnz, *shape) < 2**31 - 1 else torch.int64
 
 
 def build_sparse_index(flat_K: torch.Tensor, out_features: int, in_features: int,
@@ -96,14 +108,16 @@ def build_sparse_index(flat_K: torch.Tensor, out_features: int, in_features: int
         value_index = order if value_index is None else value_index[order]
         row, col = row[order], col[order]
     order_t = (col * O + row).argsort()
+    index_dtype = csr_index_dtype(row.numel(), (O, I))
     return SparseIndex(
         shape=(O, I),
-        crow_O=_row_pointers(row, O),
+        crow_O=_row_pointers(row, O).to(index_dtype),
         row_K=row,
         col_K=col,
+        csr_col_K=col.to(index_dtype),
         value_index_K=value_index,
-        crow_t_I=_row_pointers(col, I),
-        row_t_K=row[order_t],
+        crow_t_I=_row_pointers(col, I).to(index_dtype),
+        row_t_K=row[order_t].to(index_dtype),
         order_t_K=order_t,
         nnz=row.numel(),
         device=flat.device,
@@ -131,9 +145,13 @@ def delta_t_times(index: SparseIndex, vals_K: torch.Tensor, dyT_On: torch.Tensor
 
 def sampled_grad(index: SparseIndex, dyT_On: torch.Tensor, x_nI: torch.Tensor) -> torch.Tensor:
     """dv [K] (CSR order): (dyᵀ @ x) at the kept positions only."""
-    pattern = torch.sparse_csr_tensor(index.crow_O, index.col_K, dyT_On.new_zeros(index.nnz), index.shape,
-                                      check_invariants=False)
-    return torch.sparse.sampled_addmm(pattern, dyT_On, x_nI, beta=0.0).values()
+    return sampled_grad_into(index.pattern(dyT_On.dtype), dyT_On, x_nI).values()
+
+
+def sampled_grad_into(acc: torch.Tensor, dyT_On: torch.Tensor, x_nI: torch.Tensor) -> torch.Tensor:
+    """acc += (dyᵀ @ x) at acc's positions, in place (``acc`` from :meth:`SparseIndex.pattern`):
+    one accumulator per delta across a call's tiles, no zero fill and no add per tile."""
+    return torch.sparse.sampled_addmm(acc, dyT_On, x_nI, out=acc)
 
 
 class _SparseProduct(torch.autograd.Function):

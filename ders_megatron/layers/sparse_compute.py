@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ders_megatron.core.deltas import PositionDeltas
-from ders_megatron.core.sparse_product import delta_t_times, delta_times, sampled_grad, sparse_dtype
+from ders_megatron.core.sparse_product import sampled_grad_into, sparse_dtype
 from ders_megatron.layers.prob_grads import exact_products, prob_grad_dtype, product_scratch
 
 MATRICES = ("fc1_gate", "fc1_up", "fc2")
@@ -77,7 +77,7 @@ class _SparseSwiGLU(torch.autograd.Function):
         base_T2F = base_T2F.contiguous()
         T, F_ = base_T2F.shape[0], base_T2F.shape[1] // 2
         cd = sparse_dtype(base_T2F.dtype)
-        vals = _expert_values(indexes, (vg_EK, vu_EK, v2_EK))
+        mats = _expert_matrices(indexes, (vg_EK, vu_EK, v2_EK), cd, transposed=False)
         p_P1 = p_P.detach().unsqueeze(1)  # its own dtype: h·p rounds once, as megatron's MLP
         hbar_TF = base_T2F.new_empty(T, F_)
         dout_TH = base_T2F.new_empty(T, x_TH.shape[1])
@@ -87,10 +87,10 @@ class _SparseSwiGLU(torch.autograd.Function):
             n = c.stop - c.start
             g, u = g_[:n], u_[:n]
             xT = _gather_t(x_TH, tok, cd)
-            _gate_up(base_T2F, tok, indexes[e], vals[e], xT, g, u)
+            _gate_up(base_T2F, tok, mats[e], xT, g, u)
             h = torch._C._nn.silu(g).mul_(u)  # [n, F]
-            d2T = delta_times(indexes[e][2], vals[e][2], h.t().to(cd).contiguous())  # [H, n]
-            _write_rows(dout_TH, tok, d2T.t().mul(p_P1[c]), first)
+            d2 = _rows(mats[e][2] @ h.t().to(cd).contiguous())  # [n, H]
+            _write_rows(dout_TH, tok, d2.mul_(p_P1[c]), first)
             _write_rows(hbar_TF, tok, h.mul_(p_P1[c]), first)
         ctx.save_for_backward(base_T2F, x_TH, vg_EK, vu_EK, v2_EK, p_P1)
         ctx.plan, ctx.tile, ctx.indexes, ctx.p_dtype = plan, tile, indexes, p_P.dtype
@@ -100,10 +100,12 @@ class _SparseSwiGLU(torch.autograd.Function):
     def backward(ctx, dhbar_TF, ddout_TH):
         base_T2F, x_TH, vg_EK, vu_EK, v2_EK, p_P1 = ctx.saved_tensors
         indexes, cd = ctx.indexes, sparse_dtype(base_T2F.dtype)
-        vals = _expert_values(indexes, (vg_EK, vu_EK, v2_EK))
+        values = (vg_EK, vu_EK, v2_EK)
+        mats = _expert_matrices(indexes, values, cd, transposed=False)
+        mats_t = _expert_matrices(indexes, values, cd, transposed=True)
         F_ = base_T2F.shape[1] // 2
         dhbar_TF = dhbar_TF.contiguous()
-        grads = _Grads(base_T2F, x_TH, (vg_EK, vu_EK, v2_EK), indexes, p_P1.shape[0], ctx.p_dtype)
+        grads = _Grads(base_T2F, x_TH, values, indexes, p_P1.shape[0], cd, ctx.p_dtype)
         g_, u_, s_ = (base_T2F.new_empty(ctx.tile, F_) for _ in range(3))
         hG_ = product_scratch(base_T2F, ctx.tile, F_, grads.p_P.dtype)  # h·G, exact products
         dgu = base_T2F.new_empty(ctx.tile, 2 * F_)  # [dg | du]: one contiguous row per pair
@@ -111,24 +113,24 @@ class _SparseSwiGLU(torch.autograd.Function):
             n = c.stop - c.start
             g, u, s, dgu_ = g_[:n], u_[:n], s_[:n], dgu[:n]
             xT = _gather_t(x_TH, tok, cd)
-            _gate_up(base_T2F, tok, indexes[e], vals[e], xT, g, u)
+            _gate_up(base_T2F, tok, mats[e], xT, g, u)
             torch._C._nn.silu(g, out=s)
             h = s * u
             ddoutT = _gather_t(ddout_TH, tok, cd)  # [H, n]
             G = torch.index_select(dhbar_TF, 0, tok)
-            G.add_(delta_t_times(indexes[e][2], vals[e][2], ddoutT).t())  # dL/d(p h)
-            grads.add_values(e, 2, indexes[e][2], ddoutT.mul_(p_P1[c].t().to(cd)), h.to(cd))
+            G.add_(_rows(mats_t[e][2] @ ddoutT))  # dL/d(p h)
+            grads.add_values(e, 2, ddoutT.mul_(p_P1[c].t().to(cd)), h.to(cd))
             torch.sum(exact_products(h, G, hG_), 1, out=grads.p_P[c])  # dL/dp = h·G
             G.mul_(p_P1[c])  # dL/dh
             torch.mul(G, s, out=dgu_[:, F_:])  # du = dL/dh · silu(g)
             torch.ops.aten.silu_backward.grad_input(G.mul_(u), g, grad_input=dgu_[:, :F_])  # dg
             _write_rows(grads.base_T2F, tok, dgu_, first)
             dgT, duT = dgu_[:, :F_].t().to(cd).contiguous(), dgu_[:, F_:].t().to(cd).contiguous()  # [F, n]
-            dxT = delta_t_times(indexes[e][0], vals[e][0], dgT)
-            dxT += delta_t_times(indexes[e][1], vals[e][1], duT)
-            grads.x_TH.index_add_(0, tok, dxT.t().to(grads.x_TH.dtype))
-            grads.add_values(e, 0, indexes[e][0], dgT, xT.t())
-            grads.add_values(e, 1, indexes[e][1], duT, xT.t())
+            dxT = mats_t[e][0] @ dgT  # [H, n]
+            dxT += mats_t[e][1] @ duT
+            grads.x_TH.index_add_(0, tok, _rows(dxT).to(grads.x_TH.dtype))
+            grads.add_values(e, 0, dgT, xT.t())
+            grads.add_values(e, 1, duT, xT.t())
         dvg, dvu, dv2 = grads.values_grads()
         return (grads.base_T2F, grads.x_TH, dvg, dvu, dv2, grads.p_P.to(ctx.p_dtype),
                 None, None, None, None)
@@ -136,24 +138,27 @@ class _SparseSwiGLU(torch.autograd.Function):
 
 class _Grads:
     """Gradient buffers of :class:`_SparseSwiGLU`; the values' gradients accumulate per
-    (expert, matrix) in CSR order and land on the stored values at the end (kept positions only)."""
+    (expert, matrix) in CSR order, in place across the tiles (a sampled product into one
+    CSR accumulator each), and land on the stored values at the end (kept positions only)."""
 
-    def __init__(self, base_T2F, x_TH, values, indexes, pairs: int, p_dtype):
+    def __init__(self, base_T2F, x_TH, values, indexes, pairs: int, dtype, p_dtype):
         self.base_T2F = torch.empty_like(base_T2F)  # every row written by its token's slot-0 pair
         self.x_TH = torch.zeros_like(x_TH)
         self.p_P = base_T2F.new_empty(pairs, dtype=prob_grad_dtype(p_dtype))
-        self.values, self.indexes = values, indexes
-        self.dvals = {}  # (expert, matrix) -> [K'] in CSR order
+        self.values, self.indexes, self.dtype = values, indexes, dtype
+        self.dvals = {}  # (expert, matrix) -> CSR accumulator, values [K'] in CSR order
 
-    def add_values(self, e, m, index, dyT_On, x_nI) -> None:
+    def add_values(self, e, m, dyT_On, x_nI) -> None:
         """dv += (dyᵀ x) at the kept positions of expert e's matrix m."""
-        dv = sampled_grad(index, dyT_On, x_nI)
         key = (e, m)
-        self.dvals[key] = dv if key not in self.dvals else self.dvals[key].add_(dv)
+        if key not in self.dvals:
+            self.dvals[key] = self.indexes[e][m].pattern(self.dtype)
+        sampled_grad_into(self.dvals[key], dyT_On, x_nI)
 
     def values_grads(self):
         out = [torch.zeros_like(v) for v in self.values]  # [E, K] each
-        for (e, m), dv in self.dvals.items():
+        for (e, m), acc in self.dvals.items():
+            dv = acc.values()
             value_index = self.indexes[e][m].value_index_K
             if value_index is None:
                 out[m][e] += dv.to(out[m].dtype)
@@ -162,10 +167,23 @@ class _Grads:
         return out
 
 
-def _expert_values(indexes, values):
-    """Per expert, per matrix: the CSR-ordered values (no autograd: the kernel's own backward)."""
+def _expert_matrices(indexes, values, dtype, transposed: bool):
+    """Per expert, (gate, up, fc2) deltas as CSR tensors in ``dtype`` (Δ, or Δᵀ when
+    ``transposed``), built once per call and shared by its tiles (no autograd: the
+    kernel's own backward)."""
     with torch.no_grad():
-        return [tuple(index.values(v[e]) for index, v in zip(idx, values)) for e, idx in enumerate(indexes)]
+        out = []
+        for e, index3 in enumerate(indexes):
+            vals3 = (index.values(v[e]).to(dtype) for index, v in zip(index3, values))
+            out.append(tuple(index.matrix_t(vals) if transposed else index.matrix(vals)
+                             for index, vals in zip(index3, vals3)))
+        return out
+
+
+def _rows(yT_On: torch.Tensor) -> torch.Tensor:
+    """A product's [O, n] result as contiguous rows [n, O]: one blocked transpose copy,
+    cheaper than element-wise work on the strided view (measured, docs/benchmarks.md)."""
+    return yT_On.t().contiguous()
 
 
 def _gather_t(x_TH, tok_n, dtype) -> torch.Tensor:
@@ -173,13 +191,13 @@ def _gather_t(x_TH, tok_n, dtype) -> torch.Tensor:
     return x_TH.index_select(0, tok_n).t().to(dtype).contiguous()
 
 
-def _gate_up(base_T2F, tok_n, index3, vals3, xT_Hn, g_nF, u_nF) -> None:
+def _gate_up(base_T2F, tok_n, mats3, xT_Hn, g_nF, u_nF) -> None:
     """g <- base_gate[tok] + (Δg xᵀ)ᵀ ; u <- base_up[tok] + (Δu xᵀ)ᵀ."""
     F_ = g_nF.shape[1]
     torch.index_select(base_T2F[:, :F_], 0, tok_n, out=g_nF)
     torch.index_select(base_T2F[:, F_:], 0, tok_n, out=u_nF)
-    g_nF.add_(delta_times(index3[0], vals3[0], xT_Hn).t())
-    u_nF.add_(delta_times(index3[1], vals3[1], xT_Hn).t())
+    g_nF.add_(_rows(mats3[0] @ xT_Hn))
+    u_nF.add_(_rows(mats3[1] @ xT_Hn))
 
 
 def _plan(segments, token_P, tile: int):
