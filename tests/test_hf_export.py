@@ -317,6 +317,32 @@ def test_compact_ders_on_qwen3_moe_loads_without_package(dist1, tmp_path):
                                atol=ATOL, rtol=RTOL)
 
 
+def test_compact_sparse_positions_derived_once_no_host_sync_per_forward(dist1, tmp_path, monkeypatch):
+    """The compact format's seeded positions are derived at the first forward after a load
+    (one read of each seed) and kept on the device: a later forward calls no ``.item()``
+    and gives bitwise the same logits; a load that changes the seed re-derives them."""
+    reference = save_checkpoint(dist1, tmp_path / "ckpt", "sparse-extended-shared")
+    export(tmp_path / "ckpt", tmp_path / "ders", "ders")
+    model = load_hf(tmp_path / "ders")
+    ids = tokens()
+    with torch.no_grad():
+        first = model(ids).logits
+        torch.testing.assert_close(first, reference, atol=ATOL, rtol=RTOL)
+
+        def no_item(self):
+            raise AssertionError("Tensor.item() in a forward after the first")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.Tensor, "item", no_item)
+            again = model(ids).logits
+        assert torch.equal(again, first)
+        deltas = model.model.layers[0].mlp.experts["down_proj"]
+        old_rows, _ = deltas.positions(0)
+        deltas.load_state_dict({**deltas.state_dict(), "position_seed": deltas.position_seed + 1})
+        new_rows, _ = deltas.positions(0)
+        assert not torch.equal(old_rows, new_rows)  # the new seed's positions, not the cached ones
+
+
 def test_remote_code_sparse_positions_match_the_package():
     from ders_megatron.convert.hf import modeling_ders_moe as remote
     from ders_megatron.core import deltas

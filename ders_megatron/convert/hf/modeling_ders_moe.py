@@ -123,7 +123,7 @@ class DeRSDeltas(nn.Module):
         elif self.kind == "sparse":
             self.values = nn.Parameter(torch.zeros(E, sparse_kept(float(value), O, I)))  # [E, K]
             self.register_buffer("position_seed", torch.zeros(1, dtype=torch.int64))
-            self._positions = {}
+            self._flat_positions = None  # (seed tensor, its version, flat positions [E, K] on its device)
         elif self.kind == "dense":
             self.weight = nn.Parameter(torch.zeros(E, O, I))  # [E, O, I]
         elif self.kind == "quant":
@@ -140,16 +140,25 @@ class DeRSDeltas(nn.Module):
 
     def positions(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows, cols) of the kept entries of Δ_e: stored, or re-derived from the seed."""
-        if self.kind == "indexed":
-            flat = self.indices[expert].long()
-            return flat // self.in_features, flat % self.in_features
-        seed = int(self.position_seed.item())
-        key = (seed, expert)
-        if key not in self._positions:
-            expert_seed = derive_seed(seed, self.layer_number, self.first_expert + expert, self.seed_name)
-            flat = sample_unique(self.out_features * self.in_features, self.values.shape[1], expert_seed)
-            self._positions[key] = (flat // self.in_features, flat % self.in_features)
-        return self._positions[key]
+        flat = self.indices[expert].long() if self.kind == "indexed" else self.seed_positions()[expert]
+        return flat // self.in_features, flat % self.in_features
+
+    def seed_positions(self) -> torch.Tensor:
+        """Flat positions [E, K] of every expert, derived from ``position_seed`` once (its one
+        read to the host, at the first forward after a load) and kept on the values' device:
+        later forwards do no host sync and no host-to-device copy for them. Rebuilt when the
+        seed tensor is replaced or written (a load) or the module moves."""
+        seed_t, device = self.position_seed, self.values.device
+        cached = self._flat_positions
+        if cached is None or cached[0] is not seed_t or cached[1] != seed_t._version or cached[2].device != device:
+            seed = int(seed_t.item())
+            flat_EK = torch.stack([
+                sample_unique(self.out_features * self.in_features, self.values.shape[1],
+                              derive_seed(seed, self.layer_number, self.first_expert + e, self.seed_name))
+                for e in range(self.values.shape[0])
+            ])
+            self._flat_positions = (seed_t, seed_t._version, flat_EK.to(device))
+        return self._flat_positions[2]
 
     def delta_weight(self, expert: int) -> torch.Tensor:
         """Δ_e as a dense [O, I] tensor, accumulated in fp32."""
