@@ -586,7 +586,7 @@ def test_benchmark_runs_and_writes_json(dist1, tmp_path):
     labels = {r["label"] for r in rows}
     assert {"dense MLP", "MoE SequentialMLP", "DeRS fused lowrank r=2", "DeRS dropin sparse p=0.5"} <= labels
     dense = next(r for r in rows if r["label"] == "dense MLP")
-    assert dense["ratios"]["ms"] == 1.0 and dense["peak_mib"] > 0
+    assert dense["ratios"]["ms"] == 1.0 and dense["peak_mib"] > 0 and dense["dtype"] == "float32"
     grouped = next(r for r in rows if r["label"].startswith("MoE GroupedMLP"))
     assert grouped["ms"] is None and "not run" in grouped["note"]
 
@@ -598,11 +598,13 @@ def test_kernel_only_benchmark_writes_every_product(tmp_path, capsys):
 
     path = tmp_path / "kernel.json"
     argv = ["--kernel-only", "--hidden-size", "16", "--ffn-hidden-size", "32", "--tokens", "16",
-            "--topk", "2", "--drop-rates", "0.9", "0.5", "--repeats", "1", "--json", str(path)]
+            "--topk", "2", "--drop-rates", "0.9", "0.5", "--repeats", "1", "--dtype", "float32", "bfloat16",
+            "--json", str(path)]
     assert bench_moe_layer_main(argv) == 0
     rows = json.loads(path.read_text())["kernel"]
-    # 2 matrices x 2 drop rates x 3 products, each against the dense product it replaces.
-    assert len(rows) == 12 and {r["product"] for r in rows} == {"forward", "input grad", "values grad"}
+    # 2 dtypes x 2 matrices x 2 drop rates x 3 products, each against the dense product it replaces.
+    assert len(rows) == 24 and {r["product"] for r in rows} == {"forward", "input grad", "values grad"}
+    assert [sum(r["dtype"] == d for r in rows) for d in ("float32", "bfloat16")] == [12, 12]
     assert all(r["sparse_ms"] > 0 and r["dense_ms"] > 0 for r in rows)
     assert "| fc2 [16, 32] | 0.5 |" in capsys.readouterr().out
 

@@ -34,7 +34,8 @@ def build_bench_parser() -> argparse.ArgumentParser:
                    "(DeRSExperts.forward_unfused, per-expert delta temporaries; low-rank only)")
     p.add_argument("--baselines", nargs="*", default=["sequential", "grouped"],
                    choices=["sequential", "grouped"], help="the dense MLP always runs")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+                   help="one table per dtype and --topk, each with its own dense MLP for the ratios")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported)")
     p.add_argument("--token-tile", type=int, default=None,
@@ -58,25 +59,26 @@ def bench_moe_layer_main(argv: list[str] | None = None) -> int:
     parser = build_bench_parser()
     args = parser.parse_args(argv)
     try:
-        shape = bench.BenchShape(hidden=args.hidden_size, ffn=args.ffn_hidden_size, tokens=args.tokens,
-                                 experts=args.num_experts, dtype=args.dtype)
+        shapes = [bench.BenchShape(hidden=args.hidden_size, ffn=args.ffn_hidden_size, tokens=args.tokens,
+                                   experts=args.num_experts, dtype=dtype) for dtype in dict.fromkeys(args.dtype)]
     except ValueError as err:
         parser.error(str(err))
     command = "ders-bench-moe-layer " + shlex.join(sys.argv[1:] if argv is None else argv)
-    print(f"{bench.machine_description()}\nshape: {shape}")
+    print(f"{bench.machine_description()}\nshape: {shapes[0]}, dtypes: {[s.dtype for s in shapes]}")
     if args.kernel_only:
-        return _kernel_only(bench, shape, args, command)
+        return _kernel_only(bench, shapes, args, command)
     variant_list = bench.variants(args.baselines, args.impls, args.ranks, args.drop_rates)
     results = []
     with bench.bench_process_group():
         print(bench.memory_method())
-        for topk in args.topk:
-            rows = bench.run_topk(shape, topk, variant_list, args.warmup, args.repeats,
-                                  memory=not args.no_memory, token_tile=args.token_tile)
-            print(bench.format_table(rows), flush=True)
-            results += rows
+        for shape in shapes:
+            for topk in args.topk:
+                rows = bench.run_topk(shape, topk, variant_list, args.warmup, args.repeats,
+                                      memory=not args.no_memory, token_tile=args.token_tile)
+                print(bench.format_table(rows), flush=True)
+                results += rows
     if args.json:
-        payload = bench.results_payload(shape, results, command)
+        payload = bench.results_payload(shapes[0], results, command)
         try:
             write_text_atomic(args.json, json.dumps(payload, indent=2) + "\n")
         except user_failures() as err:
@@ -85,13 +87,15 @@ def bench_moe_layer_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _kernel_only(bench, shape, args, command: str) -> int:
-    print(bench.KERNEL_HEAD)
+def _kernel_only(bench, shapes, args, command: str) -> int:
     rows = []
-    for topk in args.topk:
-        rows += bench.kernel_microbench(shape, topk, args.drop_rates, repeats=args.repeats)
+    for shape in shapes:
+        print(f"dtype {shape.dtype}\n{bench.KERNEL_HEAD}")
+        for topk in args.topk:
+            rows += [dict(row, dtype=shape.dtype)
+                     for row in bench.kernel_microbench(shape, topk, args.drop_rates, repeats=args.repeats)]
     if args.json:
-        payload = {"shape": shape.__dict__, "machine": bench.machine_description(), "command": command,
+        payload = {"shape": shapes[0].__dict__, "dtypes": [s.dtype for s in shapes], "machine": bench.machine_description(), "command": command,
                    "kernel": rows}
         write_text_atomic(args.json, json.dumps(payload, indent=2) + "\n")
         print(f"wrote {args.json}")

@@ -113,6 +113,7 @@ class Result:
     ms_all: list[float] = field(default_factory=list)
     note: str = ""
     ratios: dict = field(default_factory=dict)
+    dtype: str = "float32"
 
 
 # --------------------------------------------------------------------------- #
@@ -328,14 +329,15 @@ def run_topk(shape, topk, variant_list, warmup, repeats, memory=True, token_tile
     for variant in variant_list:
         module = build_module(variant, shape, topk, token_tile)
         if module is None:
-            results[variant.label] = Result(variant.label, topk, None, None, None, note=grouped_unavailable_reason())
+            results[variant.label] = Result(variant.label, topk, None, None, None, note=grouped_unavailable_reason(),
+                                            dtype=shape.dtype)
             continue
         module = module.to(device)
         if router_state is None and hasattr(module, "router"):
             router_state = {k: v.clone() for k, v in module.router.state_dict().items()}
         prepare(module, router_state)
         modules[variant.label] = module
-        results[variant.label] = Result(variant.label, topk, None, None, count_params(module))
+        results[variant.label] = Result(variant.label, topk, None, None, count_params(module), dtype=shape.dtype)
     log(f"top-{topk}: timing {len(modules)} variants, {warmup} warm-up + {repeats} rounds")
     for label, seconds in time_round_robin(modules, x, grad, warmup, repeats).items():
         results[label].ms = 1e3 * statistics.median(seconds)
@@ -456,8 +458,10 @@ def memory_method() -> str:
 
 
 def results_payload(shape, results: list[Result], command: str = "") -> dict:
+    """``shape`` of the first dtype; each result names its own ``dtype``."""
     return {
         "shape": asdict(shape),
+        "dtypes": list(dict.fromkeys(r.dtype for r in results)),
         "machine": machine_description(),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "memory_method": memory_method(),
@@ -476,16 +480,16 @@ def format_table(results: list[Result]) -> str:
 
     Time ratios are given for the median and, after a slash, for the minimum.
     """
-    head = ("| top-k | variant | fwd+bwd ms (median / min) | × dense | × SequentialMLP "
+    head = ("| top-k | dtype | variant | fwd+bwd ms (median / min) | × dense | × SequentialMLP "
             "| peak MiB | × dense | params | × dense |")
-    lines = [head, "|" + "---|" * 9]
+    lines = [head, "|" + "---|" * 10]
     for r in results:
         if r.ms is None and r.note:
-            lines.append(f"| {r.topk} | {r.label} | {r.note} | | | | | | |")
+            lines.append(f"| {r.topk} | {r.dtype} | {r.label} | {r.note} | | | | | | |")
             continue
         q = r.ratios
         lines.append(
-            f"| {r.topk} | {r.label} | {_fmt(r.ms, '.1f')} / {_fmt(r.ms_min, '.1f')} | "
+            f"| {r.topk} | {r.dtype} | {r.label} | {_fmt(r.ms, '.1f')} / {_fmt(r.ms_min, '.1f')} | "
             f"{_fmt(q.get('ms'), '.3f')} / {_fmt(q.get('ms_min'), '.3f')} | "
             f"{_fmt(q.get('ms_vs_sequential'), '.3f')} / {_fmt(q.get('ms_min_vs_sequential'), '.3f')} | "
             f"{_fmt(r.peak_mib, '.1f')} | {_fmt(q.get('peak_mib'), '.2f')} | "
