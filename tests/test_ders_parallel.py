@@ -2,7 +2,7 @@
 
 import pytest
 
-from ders_megatron.core.config import DenseDeltaConfig, LowRankDeltaConfig, SparseDeltaConfig
+from ders_megatron.core.config import DenseDeltaConfig, IndexedSparseDeltaConfig, LowRankDeltaConfig, SparseDeltaConfig
 from ders_megatron.core.config import DeRSConfig
 from ders_megatron.testing.parity import gpt_parity
 
@@ -10,6 +10,8 @@ DERS = {
     "lowrank": DeRSConfig(delta=LowRankDeltaConfig(rank=2)),
     "sparse": DeRSConfig(delta=SparseDeltaConfig(drop_rate=0.9)),
     "dense": DeRSConfig(delta=DenseDeltaConfig()),
+    # the magnitude codec's module: values at stored positions (random distinct ones, perturb_deltas)
+    "magnitude": DeRSConfig(delta=IndexedSparseDeltaConfig(drop_rate=0.9)),
 }
 # At world size 2, TP=2 means expert-TP 2 (base sharded, deltas sliced); TP=2 with EP=2
 # needs expert-TP 1 (base whole on each TP rank, its gradient summed over TP).

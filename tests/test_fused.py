@@ -407,8 +407,8 @@ def fused_gpt_matches_dropin(kind, topk, overrides=None, against_ws1=True):
     from ders_megatron.testing.parity import assert_grads_close, loss_and_grads
 
     overrides = dict(moe_router_topk=topk, **(overrides or {}))
-    dropin = DeRSConfig(delta=KINDS[kind])
-    fused = DeRSConfig(delta=KINDS[kind], impl="fused")
+    dropin = DeRSConfig(delta={**KINDS, **CODEC_KINDS}[kind])
+    fused = DeRSConfig(delta={**KINDS, **CODEC_KINDS}[kind], impl="fused")
     with model_parallel():
         ref_loss, ref_params, ref_grads = loss_and_grads(overrides, dropin, perturb=0.05)
     dead = [name for name, grad in ref_grads.items() if not grad.abs().sum() > 0]
@@ -425,7 +425,7 @@ def fused_gpt_matches_dropin(kind, topk, overrides=None, against_ws1=True):
     return ref_loss.item()
 
 
-@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("kind", sorted({**KINDS, **CODEC_KINDS}))
 def test_fused_tp2_sp_equals_dropin_ws1(dist2, kind):
     for topk in (1, 2, 4):
         dist2.run(fused_gpt_matches_dropin, kind, topk, TOPK[topk])

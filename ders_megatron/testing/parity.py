@@ -35,11 +35,22 @@ def wrap_ddp(model, config, distributed_optimizer: bool = False):
 
 @torch.no_grad()
 def perturb_deltas(model, scale: float, seed: int = 0) -> None:
-    """Non-zero DeRS deltas (LoRA B starts at zero, which would hide A's gradient)."""
+    """Non-zero DeRS deltas (LoRA B starts at zero, which would hide A's gradient).
+
+    The magnitude codec's stored positions (``indices``) get distinct sorted random
+    positions per global expert instead of noise (noise casts to duplicate positions);
+    the noise is still drawn for them, so every other parameter gets what it got before."""
+    from ders_megatron.core.deltas import sample_unique
+
     gen = torch.Generator().manual_seed(seed)
     for name, param in model.named_parameters():
         if ".deltas." in name:
             param.copy_(torch.randn(param.shape, generator=gen) * scale)
+            if name.endswith(".indices"):
+                deltas = model.get_submodule(name.rsplit(".", 1)[0])
+                for e, expert in enumerate(deltas.expert_ids):  # by global expert: equal under EP
+                    flat = sample_unique(deltas.out_features * deltas.in_features, param.shape[1], seed + expert)
+                    param[e].copy_(flat.to(param.dtype))
 
 
 def loss_and_grads(config_overrides: dict, ders=None, reference: dict | None = None, seed=0, perturb=0.0):

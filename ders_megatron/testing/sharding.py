@@ -136,11 +136,14 @@ def _gather_experts_by_name(tensors: dict[str, torch.Tensor]) -> dict[str, torch
 def full_tensors(model, grads: bool = False) -> dict[str, torch.Tensor]:
     """Every parameter (or its gradient) of a sharded model as a full tensor, by global name.
 
-    Gradients are read from ``main_grad`` when megatron DDP wraps the model.
+    Gradients are read from ``main_grad`` when megatron DDP wraps the model; frozen
+    parameters (the magnitude codec's ``indices``, quantized codes) have none and are left out.
     """
     nle, offset = _num_local_experts(model), _layer_offset(model)
     out = {}
     for name, param in model.named_parameters():
+        if grads and not param.requires_grad:
+            continue
         if grads:
             tensor = getattr(param, "main_grad", None)
             tensor = param.grad if tensor is None else tensor
