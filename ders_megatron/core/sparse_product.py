@@ -2,8 +2,8 @@
 
 The kept positions of one expert's Δ (or of the slice a tensor-parallel rank
 applies) become a :class:`SparseIndex` once: CSR row pointers and columns of Δ,
-and of Δᵀ (with the permutation from Δ's order to Δᵀ's), as int64 tensors on the
-values' device. With it every product of the delta is a sparse × dense kernel:
+and of Δᵀ (with the permutation from Δ's order to Δᵀ's), on the values' device; the
+CSR tensors' indices are int32 where they fit (:func:`csr_index_dtype`). With it every product of the delta is a sparse × dense kernel:
 
 * forward       ``y = x Δᵀ``            as ``Δ @ xᵀ``   (CSR [O, I] × dense [I, n]);
 * input grad    ``dx = dy Δ``           as ``Δᵀ @ dyᵀ`` (CSR [I, O] × dense [O, n]);
