@@ -140,12 +140,13 @@ class DeRSDeltas(nn.Module):
 
     def positions(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows, cols) of the kept entries of Δ_e: stored, or re-derived from the seed."""
-        flat = self.indices[expert].long() if self.kind == "indexed" else self.seed_positions()[expert]
+        flat = (self.indices if self.kind == "indexed" else self.seed_positions())[expert].long()
         return flat // self.in_features, flat % self.in_features
 
     def seed_positions(self) -> torch.Tensor:
         """Flat positions [E, K] of every expert, derived from ``position_seed`` once (its one
-        read to the host, at the first forward after a load) and kept on the values' device:
+        read to the host, at the first forward after a load) and kept on the values' device
+        (int32 where O·I fits, as the indexed kind stores them):
         later forwards do no host sync and no host-to-device copy for them. Rebuilt when the
         seed tensor is replaced or written (a load) or the module moves."""
         seed_t, device = self.position_seed, self.values.device
@@ -157,7 +158,8 @@ class DeRSDeltas(nn.Module):
                               derive_seed(seed, self.layer_number, self.first_expert + e, self.seed_name))
                 for e in range(self.values.shape[0])
             ])
-            self._flat_positions = (seed_t, seed_t._version, flat_EK.to(device))
+            index_dtype = torch.int32 if self.out_features * self.in_features <= 2**31 - 1 else torch.int64
+            self._flat_positions = (seed_t, seed_t._version, flat_EK.to(device, index_dtype))
         return self._flat_positions[2]
 
     def delta_weight(self, expert: int) -> torch.Tensor:
