@@ -40,7 +40,7 @@ def _checkpoint_logits(root, ids):
     return checkpoint_logits(root, ids)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
 def test_compress_from_hf_folder_to_ders_folder(dist1, tmp_path, family):
     from transformers import AutoModelForCausalLM
 
