@@ -28,6 +28,7 @@ GOLDEN = Path(__file__).resolve().parent / "data" / "golden"  # checkpoints with
 FROZEN_FLAGS = (
     "--cpu",
     "--ders-loss-log",
+    "--ders-qk-layernorm-width",  # issue 18: OLMoE's full-width QK norm
     "--moe-ders",
     "--moe-ders-alpha",
     "--moe-ders-codecs",
@@ -150,6 +151,10 @@ INVALID = [
      ["--moe-ders-impl fused", "--expert-model-parallel-size 1"]),
     ("--moe-ders lowrank --moe-layer-freq [1,0,1]", MOE, ["--moe-layer-freq", "--num-layers"]),
     ("--moe-ders lowrank --spec local", MOE, ["--spec"]),
+    ("--ders-qk-layernorm-width full", MOE, ["--ders-qk-layernorm-width full", "--qk-layernorm"]),
+    ("--qk-layernorm --ders-qk-layernorm-width full --group-query-attention --num-query-groups 1 "
+     "--tensor-model-parallel-size 2 --sequence-parallel", MOE,
+     ["--ders-qk-layernorm-width full", "--num-query-groups (1)", "--tensor-model-parallel-size (2)"]),
     ("--sft", MOE, ["--sft", "dataset provider"]),
     ("--fim-data", MOE, ["--fim-data", "dataset provider"]),
     ("--moe-ders lowrank --save /tmp/x", MOE, ["--save needs --save-interval"]),
@@ -219,6 +224,10 @@ def test_mismatch_reads_the_stored_spellings():
     assert mismatched_ders_flags(run, stored) == []  # defaults filled in, the old bool read as "ders"
     run.moe_ders_drop_rate = 0.9
     assert mismatched_ders_flags(run, stored) == ["--moe-ders-drop-rate: run 0.9, checkpoint 0.99"]
+    # The QK norm's width shapes its weight (OLMoE's full width): compared too, absent = head.
+    full = argparse.Namespace(**vars(stored), ders_qk_layernorm_width="full")
+    run.moe_ders_drop_rate = 0.99
+    assert mismatched_ders_flags(run, full) == ["--ders-qk-layernorm-width: run head, checkpoint full"]
 
 
 @pytest.mark.parametrize("flags", ["--moe-ders lowrank --fp8-format hybrid --moe-router-padding-for-quantization",

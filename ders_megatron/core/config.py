@@ -44,6 +44,11 @@ CODECS = ("dare", "magnitude", "quant", "svd", "wsvd")  # --moe-ders-codecs
 QUANT_BITS = (1, 2, 3, 4, 8)
 MATRIX_NAMES = ("fc1", "fc1_gate", "fc1_up", "fc2")  # what a codec spec may name; fc1 covers gate/up
 TRUST_FLAG = "--trust-checkpoint"  # the opt-out of the checkpoint allow-lists (io/safe_load.py), every tool
+# --ders-qk-layernorm-width: what megatron's --qk-layernorm normalizes. head: each head's
+# head_dim values (megatron-core's own, Qwen3); full: the whole projected q and the whole
+# projected k at once, num_heads*head_dim values (OLMoE's q_norm / k_norm).
+QK_LAYERNORM_WIDTHS = ("head", "full")
+QK_LAYERNORM_WIDTH_FLAG = "--ders-qk-layernorm-width"
 
 DEFAULTS = dict(
     kind="vanilla",  # --moe-ders
@@ -59,6 +64,7 @@ DEFAULTS = dict(
     # the dense FFN, i.e. a ratio of ~0.05); 0.4 (cosine ~0.92) leaves 8x room for longer training,
     # and still refuses a base off by the split shared-expert scale (ratio 0.5 with the gate, 1.0 without).
     max_delta_norm=0.4,
+    qk_layernorm_width="head",  # --ders-qk-layernorm-width (megatron-core's per-head norm)
 )
 
 CPU_MODE_HINT = (
@@ -440,6 +446,7 @@ FLAG_DESTS = {
     "--moe-ders-quant-group-size": "moe_ders_quant_group_size",
     "--moe-ders-upcycle-from": "moe_ders_upcycle_from",
     "--moe-ders-shared-bias": "moe_ders_expert_bias",
+    QK_LAYERNORM_WIDTH_FLAG: "ders_qk_layernorm_width",
 }
 
 
@@ -473,6 +480,12 @@ def expert_bias_of(args) -> bool:
     checkpoints written before per-expert biases (no ``moe_ders_expert_bias`` in their args)
     or with ``--moe-ders-shared-bias``."""
     return bool(getattr(args, "add_bias_linear", False)) and bool(getattr(args, "moe_ders_expert_bias", False))
+
+
+def qk_layernorm_width_of(args) -> str:
+    """``--ders-qk-layernorm-width`` as it applies to ``args`` (checkpoints written before the
+    flag: megatron's per-head norm)."""
+    return getattr(args, "ders_qk_layernorm_width", None) or DEFAULTS["qk_layernorm_width"]
 
 
 def ders_config_from_args(args) -> DeRSConfig | None:
@@ -549,7 +562,7 @@ def set_ders_args(args, **values) -> None:
 # builds the model (defaults filled in, legacy spellings read).
 def _model_settings(args) -> dict[str, object]:
     kind = canonical_kind(getattr(args, "moe_ders", None))
-    settings = {"--moe-ders": kind}
+    settings = {"--moe-ders": kind, QK_LAYERNORM_WIDTH_FLAG: qk_layernorm_width_of(args)}
     if kind == "vanilla":
         return settings
     settings["--moe-ders-shared-expert"] = shared_expert_of(args)
@@ -572,7 +585,8 @@ def mismatched_ders_flags(run_args, checkpoint_args) -> list[str]:
     the one the checkpoint holds, each as ``"--flag: run X, checkpoint Y"``.
 
     Compared: the kind and everything that shapes or scales the experts (rank, alpha,
-    drop rate, codecs, shared expert). Not compared: ``--moe-ders-seed`` (it seeds the
+    drop rate, codecs, shared expert), and ``--ders-qk-layernorm-width`` (the QK norm's
+    weight shape). Not compared: ``--moe-ders-seed`` (it seeds the
     init, and the sparse positions come from the ``position_seed`` stored in the
     checkpoint), ``--moe-ders-impl`` (both paths read the same keys) and
     ``--moe-ders-freeze-base`` (a training choice).
@@ -794,6 +808,34 @@ UNSUPPORTED_DATA_FLAGS = (
 )
 
 
+def check_qk_layernorm_width(width: str, *, qk_layernorm: bool, num_query_groups: int | None = None,
+                             tensor_parallel_size: int = 1, use_te: bool = False) -> None:
+    """Refuse, naming the flag, a full-width QK norm that cannot be built: it needs
+    --qk-layernorm, the local spec (TE's spec builds TENorm per head), and whole key heads
+    on each TP rank (with fewer query groups than TP ranks megatron replicates key heads
+    over ranks, ``transformer/attention.py:1839-1857``, and their squares would count twice)."""
+    _check(width in QK_LAYERNORM_WIDTHS,
+           f"{QK_LAYERNORM_WIDTH_FLAG} must be one of {QK_LAYERNORM_WIDTHS}, got {width!r}")
+    if width == "head":
+        return
+    _check(qk_layernorm, f"{QK_LAYERNORM_WIDTH_FLAG} full needs --qk-layernorm")
+    _check(not use_te, f"{QK_LAYERNORM_WIDTH_FLAG} full needs --transformer-impl local (TE's QK norm is per head)")
+    _check(num_query_groups is None or num_query_groups % tensor_parallel_size == 0,
+           f"{QK_LAYERNORM_WIDTH_FLAG} full needs --num-query-groups ({num_query_groups}) divisible by "
+           f"--tensor-model-parallel-size ({tensor_parallel_size})")
+
+
+def _check_qk_layernorm_width(args) -> None:
+    heads = args.num_attention_heads
+    groups = (getattr(args, "num_query_groups", None) if getattr(args, "group_query_attention", False)
+              else None) or heads
+    check_qk_layernorm_width(
+        qk_layernorm_width_of(args), qk_layernorm=bool(getattr(args, "qk_layernorm", False)), num_query_groups=groups,
+        tensor_parallel_size=getattr(args, "tensor_model_parallel_size", 1) or 1,
+        use_te=getattr(args, "transformer_impl", "local") == "transformer_engine",
+    )
+
+
 def _check_model_flags(args, own_data_provider: bool = True) -> None:
     for attr, flag in UNSUPPORTED_MODEL_FLAGS:
         _check(not getattr(args, attr, None), f"{flag} is not supported by the DeRS model provider")
@@ -838,6 +880,7 @@ def validate_ders_args(args, cuda_available: bool, own_data_provider: bool = Tru
     """
     _check_runtime(args, cuda_available)
     _check_model_flags(args, own_data_provider)
+    _check_qk_layernorm_width(args)
     _check_megatron_preconditions(args)
     _check_flags_need_ders(args)
     _check_upcycle_from(args)

@@ -10,7 +10,7 @@ the decoder block spec is ours (:func:`ders_megatron.layers.specs.gpt_block_spec
 
 from __future__ import annotations
 
-from ders_megatron.core.config import DeRSConfig
+from ders_megatron.core.config import DeRSConfig, qk_layernorm_width_of
 from ders_megatron.layers.specs import gpt_block_spec
 
 
@@ -35,7 +35,8 @@ def build_gpt(args, *, ders: DeRSConfig | None, config=None, pre_process: bool =
         pg_collection = ProcessGroupCollection.use_mpu_process_groups()
     model_cfg = gpt_config_from_args(args, config)
     model_cfg.transformer_layer_spec = gpt_block_spec(
-        config, ders=ders, use_te=use_te, vp_stage=vp_stage, pp_rank=pg_collection.pp.rank()
+        config, ders=ders, use_te=use_te, vp_stage=vp_stage, pp_rank=pg_collection.pp.rank(),
+        qk_layernorm_width=qk_layernorm_width_of(args), tp_group=pg_collection.tp,
     )
     return GPTModelBuilder(model_cfg).build_model(
         pg_collection, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage

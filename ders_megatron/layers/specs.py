@@ -27,10 +27,10 @@ from megatron.core.transformer.transformer_layer import (
     get_transformer_layer_offset,
 )
 
-from ders_megatron.core.config import DeRSConfig
+from ders_megatron.core.config import DEFAULTS, DeRSConfig, check_qk_layernorm_width
 from ders_megatron.layers.experts import DeRSExperts, DeRSMoELayer
 from ders_megatron.layers.fused import FusedDeRSMoELayer
-from ders_megatron.layers.norms import ParallelTorchNorm, QKNorm
+from ders_megatron.layers.norms import FullWidthQKNorm, ParallelTorchNorm, QKNorm
 from ders_megatron.layers.shared_expert import DeRSSharedExpert
 
 
@@ -87,6 +87,8 @@ def gpt_layer_spec(
     normalization: str = "LayerNorm",
     use_te: bool = False,
     qk_layernorm: bool = False,
+    qk_layernorm_width: str = DEFAULTS["qk_layernorm_width"],
+    tp_group=None,
 ) -> ModuleSpec:
     """A GPT transformer layer: dense MLP, vanilla MoE, or DeRS MoE.
 
@@ -96,7 +98,12 @@ def gpt_layer_spec(
     refuses sequence parallelism, and without ``qk_layernorm`` in the spec megatron's
     attention keeps the spec's ``IdentityOp`` even when the config asks for the norm
     (``transformer/attention.py:1700-1703``: ``submodules.q_layernorm or TENorm``).
+    ``qk_layernorm_width`` "full" (``--ders-qk-layernorm-width``, OLMoE) normalizes all heads
+    of q and of k together instead (:class:`FullWidthQKNorm`, local backend only), summing
+    squares over ``tp_group`` (None: megatron's TP group, ``parallel_state``).
     """
+    if qk_layernorm_width != "head":
+        check_qk_layernorm_width(qk_layernorm_width, qk_layernorm=qk_layernorm, use_te=use_te)
     if use_te:
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_submodules,
@@ -117,12 +124,20 @@ def gpt_layer_spec(
             attention = submodules.self_attention
             attention = ModuleSpec(
                 module=attention.module, params=attention.params,
-                submodules=dataclasses.replace(attention.submodules, q_layernorm=QKNorm, k_layernorm=QKNorm),
+                submodules=dataclasses.replace(attention.submodules, **_qk_norms(qk_layernorm_width, tp_group)),
             )
             submodules = dataclasses.replace(submodules, self_attention=attention)
     if num_experts is not None and ders is not None:
         submodules = dataclasses.replace(submodules, mlp=ders_moe_spec(ders, use_te=use_te))
     return ModuleSpec(module=TransformerLayer, submodules=submodules)
+
+
+def _qk_norms(width: str, tp_group=None) -> dict:
+    """The spec's ``q_layernorm`` / ``k_layernorm`` builders for ``--ders-qk-layernorm-width``."""
+    if width == "full":
+        return dict(q_layernorm=partial(FullWidthQKNorm, projection="query", tp_group=tp_group),
+                    k_layernorm=partial(FullWidthQKNorm, projection="key", tp_group=tp_group))
+    return dict(q_layernorm=QKNorm, k_layernorm=QKNorm)
 
 
 def moe_layer_pattern(config) -> list[int]:
@@ -139,17 +154,20 @@ def moe_layer_pattern(config) -> list[int]:
 
 
 def gpt_block_spec(
-    config, ders=None, use_te: bool = False, vp_stage: int | None = None, pp_rank: int | None = None
+    config, ders=None, use_te: bool = False, vp_stage: int | None = None, pp_rank: int | None = None,
+    qk_layernorm_width: str = DEFAULTS["qk_layernorm_width"], tp_group=None,
 ) -> TransformerBlockSubmodules:
     """The decoder block for this pipeline stage: dense and (DeRS) MoE layers by pattern.
 
     Mirrors ``get_gpt_decoder_block_spec`` (``models/gpt/gpt_layer_specs.py:676``),
     slicing the layers this stage builds, with a final norm that supports SP.
+    ``qk_layernorm_width`` / ``tp_group``: the QK norm's (:func:`gpt_layer_spec`).
     """
     normalization, qk = config.normalization, bool(config.qk_layernorm)
-    dense = gpt_layer_spec(None, normalization=normalization, use_te=use_te, qk_layernorm=qk)
+    qk_width = dict(qk_layernorm=qk, qk_layernorm_width=qk_layernorm_width, tp_group=tp_group)
+    dense = gpt_layer_spec(None, normalization=normalization, use_te=use_te, **qk_width)
     moe = (
-        gpt_layer_spec(config.num_moe_experts, ders, normalization, use_te, qk_layernorm=qk)
+        gpt_layer_spec(config.num_moe_experts, ders, normalization, use_te, **qk_width)
         if config.num_moe_experts
         else dense
     )

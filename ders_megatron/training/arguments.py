@@ -31,6 +31,8 @@ from ders_megatron.core.config import (
     DEFAULTS,
     IMPLS,
     KINDS,
+    QK_LAYERNORM_WIDTH_FLAG,
+    QK_LAYERNORM_WIDTHS,
     SHARED_EXPERTS,
     DeRSArgumentError,
     DeRSConfig,
@@ -97,6 +99,10 @@ def add_ders_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="Upcycle at start: build the MoE at this run's TP/PP/EP layout and fill each "
                        "rank's shard from this dense checkpoint (tools/upcycle.py's rules), then train "
                        "from iteration 0. Skipped when --load holds a checkpoint to resume.")
+    group.add_argument(QK_LAYERNORM_WIDTH_FLAG, choices=QK_LAYERNORM_WIDTHS, default=None,
+                       help="With --qk-layernorm: head normalizes each attention head on its own "
+                       "(megatron-core's, Qwen3; the default); full normalizes the whole projected q and "
+                       "the whole projected k at once (OLMoE's q_norm / k_norm), local spec only.")
     group.add_argument("--ders-loss-log", default=None, metavar="FILE",
                        help="Append each training iteration's LM loss at full precision as a "
                        "JSON line (rank 0 writes).")
