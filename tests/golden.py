@@ -9,7 +9,8 @@ checkable for good:
   ``test_hf_export.py`` (vanilla, every delta kind, shared experts, codecs);
 * ``tests/data/golden/digests.json`` holds, recorded with the code as it was
   before the move (commit 7fec34b; since then changed on purpose only where a commit says so: the
-  ``ders`` format's modeling file, issues 16 and 17), the sha256 of every file of every export of
+  ``ders`` format's modeling file, issues 16 and 17; its config and modeling files, issue 18: OLMoE's
+  decoder and a ``clip_qkv`` field), the sha256 of every file of every export of
   every case, and the sha256 of every tensor (key, dtype, shape, bytes) that
   ``upcycle_checkpoint`` and ``compress_checkpoint`` write from these inputs, and
   ``import_hf`` writes from some of the exports (recorded with the in-memory importer

@@ -60,6 +60,12 @@ CASES.update({
                                     shared_expert_gate=True), ["ders"]),
     "sparse-qk-norm": (dict(qk_layernorm=True, ders_kind="sparse", ders_drop_rate=0.9), ["qwen3_moe", "ders"]),
 })
+# QK-norm over all heads (OLMoE): OLMoE itself, and the compact format on OLMoE's decoder
+FULL_QK = dict(qk_layernorm=True, qk_layernorm_width="full")
+CASES.update({
+    "vanilla-full-qk-norm-presoftmax": (dict(FULL_QK, router_pre_softmax=True), ["olmoe"]),
+    "lowrank-full-qk-norm": (dict(FULL_QK, ders_kind="lowrank", ders_rank=2), ["olmoe", "ders"]),
+})
 # compressed delta kinds (tools/compress.py)
 CASES.update({
     # 4-bit group-wise codes on gate/up, magnitude-sparse (explicit indices) on down
@@ -129,12 +135,13 @@ def test_export_matches_megatron_logits(dist1, tmp_path, case):
     for fmt in CASES[case][1]:
         model = check_export(tmp_path / "ckpt", tmp_path / fmt, fmt, reference)
         expected = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-                    "qwen3_moe": "Qwen3MoeForCausalLM", "ders": "DeRSMoEForCausalLM"}
+                    "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM", "ders": "DeRSMoEForCausalLM"}
         assert type(model).__name__ == expected[fmt]
-        if fmt == "ders":  # the family's own decoder: Qwen3-MoE's for QK-norm, with its q_norm
-            family = "Qwen3Moe" if dims_of(case).qk_layernorm else "Qwen2Moe"
+        if fmt == "ders":  # the family's own decoder: Qwen3-MoE's / OLMoE's for QK-norm, with its q_norm
+            dims = dims_of(case)
+            family = ("Olmoe" if dims.qk_layernorm_width == "full" else "Qwen3Moe") if dims.qk_layernorm else "Qwen2Moe"
             assert type(model.model).__name__ == f"{family}Model"
-            assert hasattr(model.model.layers[0].self_attn, "q_norm") == dims_of(case).qk_layernorm
+            assert hasattr(model.model.layers[0].self_attn, "q_norm") == dims.qk_layernorm
 
 
 @pytest.mark.parametrize("case", ["vanilla", "lowrank", "sparse-extended-shared"])

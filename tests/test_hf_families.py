@@ -1,8 +1,8 @@
 """The Hugging Face families beyond Llama / Mixtral: what converts (Qwen3, Qwen3-MoE, with
-per-head QK-norm; logits and round trips are in test_hf_import.py / test_hf_export.py,
-parametrized over ``TINY_FAMILIES``), what is refused by name and why (OLMoE's full-width
-QK-norm, DeepSeek's MLA, sliding windows, contradictory embedding ties), and ``--hf-dir``
-given a repo id from the local Hugging Face cache."""
+per-head QK-norm; OLMoE, with QK-norm over all heads; logits and round trips are in
+test_hf_import.py / test_hf_export.py, parametrized over ``TINY_FAMILIES``), what is refused
+by name and why (DeepSeek's MLA, OLMoE's clip_qkv, sliding windows, contradictory embedding
+ties), and ``--hf-dir`` given a repo id from the local Hugging Face cache."""
 
 import json
 
@@ -33,8 +33,6 @@ def _refused(tmp_path, source, match):
 
 
 @pytest.mark.parametrize("config_name, kwargs, match", [
-    ("OlmoeConfig", dict(num_experts=4, num_experts_per_tok=2), "'olmoe' is not converted: OLMoE's QK-norm "
-     "normalizes the whole projected q / k"),
     ("DeepseekV3Config", dict(n_routed_experts=4, num_experts_per_tok=2, q_lora_rank=16, kv_lora_rank=8),
      "'deepseek_v3' is not converted: multi-head latent attention \\(MLA\\)"),
     ("DeepseekV2Config", dict(n_routed_experts=4, num_experts_per_tok=2), "'deepseek_v2' is not converted: "
@@ -50,8 +48,8 @@ def test_families_megatron_cannot_build_here_are_refused_by_name(tmp_path, confi
 
 
 def test_transformers_olmoe_norms_the_full_projection_not_each_head():
-    """The reason OLMoE is refused: its q_norm spans num_heads * head_dim (megatron's
-    --qk-layernorm: head_dim), so a per-head norm could not hold its weights."""
+    """Why OLMoE needs --ders-qk-layernorm-width full: its q_norm spans num_heads * head_dim
+    (megatron's --qk-layernorm: head_dim), so a per-head norm could not hold its weights."""
     qwen3 = tiny_hf_model("qwen3").model.layers[0].self_attn  # per head, as megatron
     assert qwen3.q_norm.weight.shape == qwen3.k_norm.weight.shape == (qwen3.head_dim,)
     from transformers import OlmoeConfig, OlmoeForCausalLM
@@ -69,6 +67,8 @@ def test_transformers_olmoe_norms_the_full_projection_not_each_head():
     ("qwen3", dict(layer_types=["sliding_attention", "full_attention"], sliding_window=8), "sliding"),
     ("qwen3_moe", dict(use_sliding_window=True, sliding_window=8), "use_sliding_window"),
     ("qwen3", dict(attention_bias=True), "attention_bias=True also biases o_proj"),
+    ("olmoe", dict(attention_bias=True), "olmoe attention_bias=True also biases o_proj"),
+    ("olmoe", dict(clip_qkv=8.0), "olmoe clip_qkv=8.0: megatron's attention does not clamp"),
 ])
 def test_unsupported_features_of_the_new_families_are_refused(tmp_path, family, overrides, match):
     save_tiny_hf(family, tmp_path / "hf", tokenizer=False, **overrides)
@@ -101,13 +101,28 @@ def test_qk_layernorm_checkpoints_export_only_to_qk_norm_formats():
     qk = ModelDims(**base, qk_layernorm=True)
     qk.check_format("qwen3")
     for fmt in ("llama", "mistral", "qwen2"):
-        with pytest.raises(ConversionError, match=f"--format {fmt} has no QK-norm"):
+        with pytest.raises(ConversionError, match=f"--format {fmt} has no per-head QK-norm"):
             qk.check_format(fmt)
-    with pytest.raises(ConversionError, match="--format qwen3 always normalizes queries and keys"):
-        ModelDims(**base).check_format("qwen3")
+    for fmt in ("qwen3", "olmoe"):
+        with pytest.raises(ConversionError, match=f"--format {fmt} always normalizes queries and keys"):
+            ModelDims(**base).check_format(fmt)
     moe = dict(num_experts=4, moe_ffn_hidden_size=32, moe_pattern=(1, 1), shared_expert_size=32)
     with pytest.raises(ConversionError, match="--format qwen3_moe has no shared expert"):
         ModelDims(**base, **moe, qk_layernorm=True).check_format("qwen3_moe")
+    # OLMoE's QK-norm spans all heads: only olmoe and ders hold it, and per-head is not OLMoE's
+    full = dict(base, hidden_size=64, kv_channels=16, num_experts=4, moe_ffn_hidden_size=32, moe_pattern=(1, 1),
+                qk_layernorm=True)
+    with pytest.raises(ConversionError, match="--format olmoe has no per-head QK-norm"):
+        ModelDims(**full).check_format("olmoe")
+    for fmt in ("qwen3_moe", "mixtral"):
+        with pytest.raises(ConversionError, match=f"--format {fmt} has no QK-norm over all heads"):
+            ModelDims(**full, qk_layernorm_width="full").check_format(fmt)
+    ModelDims(**full, qk_layernorm_width="full").check_format("olmoe")
+    for changes, match in [(dict(shared_expert_size=32), "has no shared expert"),
+                           (dict(moe_pattern=(1, 0)), "has MoE in every layer"),
+                           (dict(kv_channels=24), "needs --kv-channels \\(24\\) = --hidden-size / --num-attention-heads")]:
+        with pytest.raises(ConversionError, match=f"--format olmoe {match}"):
+            ModelDims(**{**full, **changes}, qk_layernorm_width="full").check_format("olmoe")
 
 
 def _build_gpt_qk_norms(args):
@@ -178,12 +193,15 @@ def _logits_at_tp2(root, ids):
     return checkpoint_logits(root, ids, layout=dict(tp=2))
 
 
-def test_qwen3_moe_qk_norm_runs_at_tp2_with_sequence_parallelism(dist1, dist2, tmp_path):
-    """QK-norm under TP=2 + SP (MoE with TP needs SP): each rank normalizes its own heads with
-    the replicated per-head weight; the logits are the HF model's."""
+@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe"])
+def test_qk_norm_runs_at_tp2_with_sequence_parallelism(dist1, dist2, tmp_path, family):
+    """QK-norm under TP=2 + SP (MoE with TP needs SP): per head (Qwen3-MoE), each rank
+    normalizes its own heads with the replicated per-head weight; over all heads (OLMoE),
+    each rank holds half the heads and the sum of squares is all-reduced over TP. The
+    logits are the HF model's."""
     from ders_megatron.testing.hf import hf_logits, tokens
 
-    model = save_tiny_hf("qwen3_moe", tmp_path / "hf")
+    model = save_tiny_hf(family, tmp_path / "hf")
     dist1.run(_import, str(tmp_path / "hf"), str(tmp_path / "megatron"))
     ids = tokens()
     # TP splits the attention/MLP sums over 2 ranks: ulps of O(1) logits (as test_hf_import).

@@ -33,6 +33,7 @@ CASES = {
     "lowrank-extended-shared": (dict(shared_expert_size=96, ders_shared_expert=True, moe_pattern=(1, 0),
                                      ders_rank=3), "qwen2_moe"),
     "lowrank-qk-norm": (dict(qk_layernorm=True, moe_pattern=(0, 1), router_pre_softmax=True), "qwen3_moe"),
+    "lowrank-full-qk-norm": (dict(qk_layernorm=True, qk_layernorm_width="full", router_pre_softmax=True), "olmoe"),
 }
 
 

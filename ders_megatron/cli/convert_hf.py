@@ -3,16 +3,16 @@
     convert_hf.py import --hf-dir DIR|ORG/NAME --output CKPT [--make-vocab-size-divisible-by 128]
                          [--tensor-model-parallel-size 1] [--dtype ...] [--force]
     convert_hf.py export --checkpoint CKPT --output DIR
-                         --format {mixtral,qwen2_moe,qwen3_moe,ders,llama,mistral,qwen2,qwen3}
+                         --format {mixtral,qwen2_moe,qwen3_moe,olmoe,ders,llama,mistral,qwen2,qwen3}
                          [--tokenizer DIR] [--max-shard-size 5GB] [--dtype ...] [--force]
                          [--trust-checkpoint]
-    convert_hf.py adapter --checkpoint CKPT --output DIR [--format {mixtral,qwen2_moe,qwen3_moe}]
+    convert_hf.py adapter --checkpoint CKPT --output DIR [--format {mixtral,qwen2_moe,qwen3_moe,olmoe}]
                           [--dtype ...] [--force] [--trust-checkpoint]
 
 Import streams tensor by tensor (memory: about two layers, docs/benchmarks.md) and
 keeps the source's dtype unless ``--dtype`` says otherwise.
 
-Bad input (unknown or refused architecture -- OLMoE, DeepSeek MLA --, sliding
+Bad input (unknown or refused architecture -- DeepSeek MLA --, OLMoE's clip_qkv, sliding
 windows, an embedding tie the weights contradict, unknown format, a checkpoint
 without MoE for a MoE format, an existing output without --force, a truncated or
 damaged file, a shard missing from the index, a tensor whose shape or dtype is not
@@ -73,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "base (DIR/base, every expert = the dense FFN)")
     ada.add_argument("--checkpoint", required=True, help="Megatron DeRS-LM checkpoint root (--moe-ders lowrank)")
     ada.add_argument("--output", required=True, help="folder to write: base/ (transformers MoE) and adapter/ (PEFT)")
-    ada.add_argument("--format", default=None, help="the base's family: mixtral, qwen2_moe or qwen3_moe (default: "
-                     "qwen3_moe with QK-norm, qwen2_moe with a shared expert, else mixtral)")
+    ada.add_argument("--format", default=None, help="the base's family: mixtral, qwen2_moe, qwen3_moe or olmoe (default: "
+                     "olmoe with --ders-qk-layernorm-width full, qwen3_moe with QK-norm, qwen2_moe with a "
+                     "shared expert, else mixtral)")
     ada.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                      help="dtype of the written weights (default: the checkpoint's)")
     ada.add_argument("--force", action="store_true", help="replace an existing --output")

@@ -41,6 +41,11 @@ TINY_FAMILIES = {
         mlp_only_layers=[0],  # a dense layer before a MoE layer
         norm_topk_prob=True,
     ),
+    "olmoe": dict(  # QK-norm over all heads at once, no shared expert, MoE in every layer
+        num_experts=4,
+        num_experts_per_tok=2,
+        norm_topk_prob=False,  # OLMoE's default: no top-k renormalization
+    ),
 }
 
 

@@ -1,7 +1,7 @@
 """Compression straight from a Hugging Face MoE folder (issue 18 item 3).
 
-``tools/compress.py --load HF_DIR`` takes a Mixtral or Qwen2-MoE folder (any MoE family
-the importer reads) as it takes a vanilla megatron MoE checkpoint. Three streamed
+``tools/compress.py --load HF_DIR`` takes a Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE
+folder (any MoE family the importer reads) as it takes a vanilla megatron MoE checkpoint. Three streamed
 passes, each holding about one layer (docs/benchmarks.md): the streamed import
 (:func:`~ders_megatron.convert.hf.importer.import_hf`) into a temporary checkpoint
 beside the output, :func:`~ders_megatron.convert.compress.pipeline.compress_checkpoint`

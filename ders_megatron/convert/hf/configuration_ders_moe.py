@@ -36,7 +36,7 @@ DERS_KINDS = ("lowrank", "sparse", "dense", "codec")
 MATRIX_KINDS = ("lowrank", "sparse", "dense", "quant", "indexed")
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 SHARED_EXPERT_KINDS = ("none", "full", "ders")
-BASE_MODEL_TYPES = ("qwen2_moe", "qwen3_moe")  # whose decoder modeling_ders_moe builds
+BASE_MODEL_TYPES = ("qwen2_moe", "qwen3_moe", "olmoe")  # whose decoder modeling_ders_moe builds
 
 
 @strict
@@ -54,11 +54,13 @@ class DeRSMoEConfig(Qwen2MoeConfig):
         (extended DeRS: the experts' base plus its own delta).
     shared_expert_gate (`bool`): the shared expert's output is scaled by sigmoid(x · g).
     base_model_type (`str`): the transformers family whose decoder (attention, norms, RoPE,
-        dense MLPs, router) the model is: "qwen2_moe" or "qwen3_moe".
-    attention_bias (`bool`): Qwen3-MoE's bias on q/k/v/o (always False in exports).
+        dense MLPs, router) the model is: "qwen2_moe", "qwen3_moe" or "olmoe".
+    attention_bias (`bool`): Qwen3-MoE's and OLMoE's bias on q/k/v/o (always False in exports).
+    clip_qkv (`float`, *optional*): OLMoE's clamp of q/k/v (always None in exports).
     """
 
     model_type = "ders_moe"
+    attribute_map = {"num_local_experts": "num_experts"}  # OLMoE's decoder reads this name (OlmoeExperts)
 
     head_dim: int | None = None
     ders_kind: str = "lowrank"
@@ -71,6 +73,7 @@ class DeRSMoEConfig(Qwen2MoeConfig):
     shared_expert_gate: bool = False
     base_model_type: str = "qwen2_moe"
     attention_bias: bool = False
+    clip_qkv: float | None = None
 
     def __post_init__(self, **kwargs):
         if self.base_model_type not in BASE_MODEL_TYPES:
@@ -94,9 +97,9 @@ class DeRSMoEConfig(Qwen2MoeConfig):
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         super().__post_init__(**kwargs)
-        if self.base_model_type == "qwen3_moe" and not self.use_sliding_window:
+        if self.base_model_type in ("qwen3_moe", "olmoe") and not self.use_sliding_window:
             # Qwen2MoeConfig writes 0 for "no window"; Qwen3-MoE's model reads None as "no window"
-            # (modeling_qwen3_moe.py: create_causal_mask if sliding_window is None).
+            # (modeling_qwen3_moe.py: create_causal_mask if sliding_window is None); OLMoE has none.
             self.sliding_window = None
 
 

@@ -7,8 +7,8 @@ that names the flag or config field, before any tensor is touched.
 
 Hugging Face families (:data:`IMPORT_FAMILIES`): Llama, Mistral, Qwen2 (q/k/v bias),
 Qwen3 (per-head QK-norm), SmolLM2 (a Llama) for dense models; Mixtral (no shared
-expert), Qwen2-MoE (one gated shared expert) and Qwen3-MoE (fine-grained experts,
-QK-norm) for MoE; ``ders_moe`` is our compact DeRS format. Families that cannot be
+expert), Qwen2-MoE (one gated shared expert), Qwen3-MoE (fine-grained experts,
+QK-norm) and OLMoE (QK-norm over all heads at once: ``--ders-qk-layernorm-width full``) for MoE; ``ders_moe`` is our compact DeRS format. Families that cannot be
 converted faithfully are refused by name with the reason (:data:`REFUSED_FAMILIES`).
 """
 
@@ -19,14 +19,23 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 
 
-from ders_megatron.core.config import DEFAULTS, canonical_kind, ders_args, ders_config_from_args
+from ders_megatron.core.config import (
+    DEFAULTS,
+    canonical_kind,
+    ders_args,
+    ders_config_from_args,
+    qk_layernorm_width_of,
+)
 
 DENSE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 IMPORT_FAMILIES = DENSE_FAMILIES + MOE_FAMILIES
-EXPORT_FORMATS = ("mixtral", "qwen2_moe", "qwen3_moe", "ders", "llama", "mistral", "qwen2", "qwen3")
+EXPORT_FORMATS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "ders", "llama", "mistral", "qwen2", "qwen3")
 DENSE_FORMATS = ("llama", "mistral", "qwen2", "qwen3")
 QK_NORM_FORMATS = ("qwen3", "qwen3_moe")  # per-head q_norm / k_norm = megatron's --qk-layernorm
+# q_norm over num_heads*head_dim, k_norm over num_kv_heads*head_dim (modeling_olmoe.py OlmoeAttention)
+# = --qk-layernorm --ders-qk-layernorm-width full (layers/norms.py FullWidthQKNorm)
+FULL_QK_NORM_FORMATS = ("olmoe",)
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
@@ -35,6 +44,7 @@ ARCHITECTURES = {
     "mixtral": "MixtralForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
     "ders_moe": "DeRSMoEForCausalLM",
 }
 _MLA = ("multi-head latent attention (MLA): megatron-core 0.19.2 builds MLA only with Transformer Engine "
@@ -44,9 +54,6 @@ _MLA = ("multi-head latent attention (MLA): megatron-core 0.19.2 builds MLA only
 REFUSED_FAMILIES = {
     "deepseek_v2": _MLA,
     "deepseek_v3": _MLA,
-    "olmoe": ("OLMoE's QK-norm normalizes the whole projected q / k (q_norm over num_heads*head_dim, "
-              "modeling_olmoe.py OlmoeAttention), megatron-core's --qk-layernorm one head at a time "
-              "(transformer/attention.py:1722-1737, hidden_size_per_attention_head): the logits would differ"),
 }
 # Megatron's --use-rope-scaling is Llama 3.1's rule with these fixed parameters
 # (models/common/embeddings/rotary_pos_embedding.py:92-99).
@@ -88,7 +95,8 @@ class ModelDims:
     norm_epsilon: float = 1e-5
     tie_embeddings: bool = False
     qkv_bias: bool = False
-    qk_layernorm: bool = False  # per-head RMSNorm on queries and keys (Qwen3's q_norm / k_norm)
+    qk_layernorm: bool = False  # RMSNorm on queries and keys (Qwen3's, OLMoE's q_norm / k_norm)
+    qk_layernorm_width: str = DEFAULTS["qk_layernorm_width"]  # "head" (Qwen3) or "full" (OLMoE)
     # MoE (num_experts 0 = dense)
     num_experts: int = 0
     topk: int = 2
@@ -189,6 +197,7 @@ class ModelDims:
             tie_embeddings=not get("untie_embeddings_and_output_weights", False),
             qkv_bias=bool(get("add_qkv_bias", False)),
             qk_layernorm=bool(get("qk_layernorm", False)),
+            qk_layernorm_width=qk_layernorm_width_of(args),
             **moe,
         )
 
@@ -262,6 +271,7 @@ class ModelDims:
             add_bias_linear=False,
             add_qkv_bias=self.qkv_bias,
             qk_layernorm=self.qk_layernorm,
+            ders_qk_layernorm_width=self.qk_layernorm_width,
             num_experts=self.num_experts or None,
             moe_router_topk=self.topk,
             moe_ffn_hidden_size=self.moe_ffn_hidden_size or None,
@@ -305,22 +315,30 @@ class ModelDims:
             norm_epsilon=config.rms_norm_eps,
             tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
             qkv_bias=_hf_qkv_bias(config),
-            qk_layernorm=family in QK_NORM_FORMATS,
+            qk_layernorm=family in QK_NORM_FORMATS + FULL_QK_NORM_FORMATS,
+            qk_layernorm_width="full" if family in FULL_QK_NORM_FORMATS else "head",
             **_hf_rope(config),
             **_hf_moe(config),
         )
         _check_sliding_window(config)
+        if family in FULL_QK_NORM_FORMATS:
+            _check_olmoe(config, dims)
         return dims
 
     def check_format(self, fmt: str) -> None:
         """Reject, naming ``fmt``, what the export format cannot express."""
         _check(fmt in EXPORT_FORMATS, f"unknown --format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
-        if self.qk_layernorm:
-            _check(fmt in QK_NORM_FORMATS + ("ders",), f"--format {fmt} has no QK-norm and this checkpoint has "
-                   "--qk-layernorm; use --format qwen3 (dense), qwen3_moe or ders")
+        full = self.qk_layernorm and self.qk_layernorm_width == "full"
+        if full:
+            _check(fmt in FULL_QK_NORM_FORMATS + ("ders",), f"--format {fmt} has no QK-norm over all heads and "
+                   "this checkpoint has --ders-qk-layernorm-width full; use --format olmoe or ders")
+        elif self.qk_layernorm:
+            _check(fmt in QK_NORM_FORMATS + ("ders",), f"--format {fmt} has no per-head QK-norm and this "
+                   "checkpoint has --qk-layernorm; use --format qwen3 (dense), qwen3_moe or ders")
         else:
-            _check(fmt not in QK_NORM_FORMATS, f"--format {fmt} always normalizes queries and keys and this "
-                   "checkpoint has no --qk-layernorm; use --format llama or qwen2 (dense), mixtral or qwen2_moe")
+            _check(fmt not in QK_NORM_FORMATS + FULL_QK_NORM_FORMATS, f"--format {fmt} always normalizes "
+                   "queries and keys and this checkpoint has no --qk-layernorm; use --format llama or qwen2 "
+                   "(dense), mixtral or qwen2_moe")
         if fmt in DENSE_FORMATS:
             _check(not self.is_moe, f"--format {fmt} is for dense models; this checkpoint has MoE layers "
                    "(use mixtral, qwen2_moe, qwen3_moe or ders)")
@@ -329,6 +347,8 @@ class ModelDims:
             return
         _check(self.is_moe, f"--format {fmt} needs a MoE checkpoint, but this one has no MoE layers "
                "(--num-experts unset); use --format llama, qwen2 or qwen3")
+        if fmt == "olmoe" or (fmt == "ders" and full):
+            self._check_olmoe_layout(fmt)
         if fmt == "mixtral":
             _check(not self.shared_expert_size, "--format mixtral has no shared expert; use --format qwen2_moe "
                    "(or ders)")
@@ -350,6 +370,18 @@ class ModelDims:
                    "this one has megatron's own experts: use mixtral, qwen2_moe or qwen3_moe")
             _check(not (self.qk_layernorm and self.qkv_bias), "--format ders builds Qwen3-MoE's decoder for "
                    "--qk-layernorm, which has no q/k/v bias without an o_proj bias (--add-qkv-bias)")
+
+    def _check_olmoe_layout(self, fmt: str) -> None:
+        """OLMoE's decoder: MoE in every layer, no shared expert, no q/k/v bias, head_dim =
+        hidden / heads (its q_norm spans hidden_size, modeling_olmoe.py OlmoeAttention)."""
+        what = "--format olmoe" if fmt == "olmoe" else "--format ders with --ders-qk-layernorm-width full (OLMoE's decoder)"
+        _check(not self.shared_expert_size, f"{what} has no shared expert (--moe-shared-expert-intermediate-size)")
+        _check(all(self.moe_pattern), f"{what} has MoE in every layer, but --moe-layer-freq puts dense layers at "
+               f"{self.dense_layers}")
+        _check(not self.qkv_bias, f"{what} has no q/k/v bias without an o_proj bias (--add-qkv-bias)")
+        _check(self.kv_channels * self.num_attention_heads == self.hidden_size,
+               f"{what} needs --kv-channels ({self.kv_channels}) = --hidden-size / --num-attention-heads "
+               f"({self.hidden_size // self.num_attention_heads}): its q_norm spans hidden_size")
 
     def hf_config(self, fmt: str, token_ids: dict | None = None, dtype: str = "float32",
                   ders_matrices: dict[str, str] | None = None):
@@ -384,6 +416,11 @@ class ModelDims:
             return transformers.Qwen3Config(intermediate_size=self.ffn_hidden_size, attention_bias=False,
                                             use_sliding_window=False, **common)
         moe = dict(num_experts_per_tok=self.topk)
+        if fmt == "olmoe":
+            common.pop("head_dim")  # OLMoE's is hidden / heads (checked)
+            return transformers.OlmoeConfig(intermediate_size=self.moe_ffn_hidden_size, num_experts=self.num_experts,
+                                            norm_topk_prob=not self.router_pre_softmax, attention_bias=False,
+                                            clip_qkv=None, **moe, **common)
         if fmt == "mixtral":
             return transformers.MixtralConfig(intermediate_size=self.moe_ffn_hidden_size,
                                               num_local_experts=self.num_experts, sliding_window=None,
@@ -415,7 +452,7 @@ class ModelDims:
             ders_quant_group_size=self.ders_quant_group_size,
             shared_expert_kind=self.shared_expert_kind,
             shared_expert_gate=self.shared_expert_gate,
-            base_model_type="qwen3_moe" if self.qk_layernorm else "qwen2_moe",
+            base_model_type=self._ders_base_model_type(),
             auto_map={
                 "AutoConfig": "configuration_ders_moe.DeRSMoEConfig",
                 "AutoModelForCausalLM": "modeling_ders_moe.DeRSMoEForCausalLM",
@@ -423,6 +460,12 @@ class ModelDims:
             **qwen,
             **common,
         )
+
+    def _ders_base_model_type(self) -> str:
+        """The transformers family whose decoder the ``ders`` format builds."""
+        if not self.qk_layernorm:
+            return "qwen2_moe"
+        return "olmoe" if self.qk_layernorm_width == "full" else "qwen3_moe"
 
     def _rope_parameters(self) -> dict:
         if self.rope_scaling_factor is None:
@@ -446,7 +489,7 @@ def _hf_qkv_bias(config) -> bool:
         return True  # Qwen2Attention: bias=True on q/k/v, none on o (modeling_qwen2.py:181-184)
     if family == "qwen2_moe":
         return bool(config.qkv_bias)  # modeling_qwen2_moe.py:222-225
-    if family in QK_NORM_FORMATS:
+    if family in QK_NORM_FORMATS + FULL_QK_NORM_FORMATS:
         _check(not config.attention_bias, f"{family} attention_bias=True also biases o_proj, which Megatron's "
                "--add-qkv-bias does not")
     if family == "llama":
@@ -508,7 +551,30 @@ def _hf_moe(config) -> dict:
             shared_expert_size=shared,
             shared_expert_gate=True,  # sigmoid(shared_expert_gate(x)) (modeling_qwen2_moe.py:347)
         )
+    if family == "olmoe":
+        return dict(
+            num_experts=config.num_experts,
+            topk=config.num_experts_per_tok,
+            moe_ffn_hidden_size=config.intermediate_size,  # OlmoeExperts: intermediate_size per expert
+            moe_pattern=(1,) * config.num_hidden_layers,  # OlmoeDecoderLayer: a MoE block in every layer
+            # norm_topk_prob=False (OLMoE's default): softmax over all experts, top-k, no
+            # renormalization (OlmoeTopKRouter) = --moe-router-pre-softmax (moe_utils.py:840-845).
+            router_pre_softmax=not config.norm_topk_prob,
+            extra={"moe_aux_loss_coeff": config.router_aux_loss_coef},
+        )  # no shared expert (OlmoeSparseMoeBlock: gate and experts only)
     return {}
+
+
+def _check_olmoe(config, dims: "ModelDims") -> None:
+    """What OLMoE's attention does that megatron's does not: ``clip_qkv`` clamps q, k and v
+    after the projection (OlmoeAttention.forward); and its q_norm spans ``hidden_size``, so
+    a ``head_dim`` other than hidden / heads is not a working OLMoE."""
+    _check(config.clip_qkv is None, f"olmoe clip_qkv={config.clip_qkv}: megatron's attention does not clamp "
+           "q/k/v; only clip_qkv null converts")
+    _check(dims.kv_channels * dims.num_attention_heads == dims.hidden_size,
+           f"olmoe head_dim={dims.kv_channels} with hidden_size={dims.hidden_size} and "
+           f"num_attention_heads={dims.num_attention_heads}: OLMoE's q_norm spans hidden_size, so head_dim must be "
+           "hidden_size / num_attention_heads")
 
 
 def _check_sliding_window(config) -> None:

@@ -1,5 +1,5 @@
-"""Hugging Face -> megatron-core: Llama-family dense models, Mixtral / Qwen2-MoE as
-megatron's own MoE (SequentialMLP experts), streamed tensor by tensor.
+"""Hugging Face -> megatron-core: Llama-family dense models, Mixtral / Qwen2-MoE /
+Qwen3-MoE / OLMoE as megatron's own MoE (SequentialMLP experts), streamed tensor by tensor.
 
 The target model is planned on the ``meta`` device (:func:`ders_megatron.io.streaming.plan_model`:
 every key, chunk and dtype ``--load`` will ask for, no memory), and the checkpoint is

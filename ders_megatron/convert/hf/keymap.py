@@ -17,6 +17,7 @@ decoder.final_layernorm.weight                       model.norm.weight          
 .self_attention.linear_qkv.weight/.bias              .self_attn.{q,k,v}_proj.weight/.bias   qkv
 .self_attention.linear_proj.weight                   .self_attn.o_proj.weight               copy
 .self_attention.{q,k}_layernorm.weight [d]           .self_attn.{q,k}_norm.weight [d]       copy (Qwen3: --qk-layernorm)
+  (full width: [n·d] / [g·d])                        (OLMoE: q_norm [n·d], k_norm [g·d])    copy
 .pre_mlp_layernorm.weight                            .post_attention_layernorm.weight       copy
 dense: .mlp.linear_fc1.weight [2F, H]                .mlp.{gate,up}_proj.weight             gate_up
 dense: .mlp.linear_fc2.weight                        .mlp.down_proj.weight                  copy
@@ -30,7 +31,7 @@ ders format: base, deltas, shared deltas             .mlp.base.*, .mlp.experts.<
 
 ``<moe>`` is ``block_sparse_moe`` with experts ``w1`` (gate) ``w3`` (up) ``w2``
 (down) for Mixtral, ``mlp`` with ``gate_proj/up_proj/down_proj`` for Qwen2-MoE,
-Qwen3-MoE and ders. Fused QKV order (megatron-core ``transformer/attention.py:1828-1880``):
+Qwen3-MoE, OLMoE and ders. Fused QKV order (megatron-core ``transformer/attention.py:1828-1880``):
 per query group ``g``, the group's ``n/g`` query heads, then its key head, then
 its value head, each ``kv_channels`` rows. Gated fc1 is ``[gate; up]``
 (``transformer/mlp.py:324``: ``chunk(2)``, activation on the first half).
@@ -182,9 +183,11 @@ def attention_maps(dims: ModelDims, i: int) -> list[KeyMap]:
                _copy),
         _entry(f"{m}pre_mlp_layernorm.weight", f"{h}post_attention_layernorm.weight", [(H,)], [(H,)], _copy),
     ]
-    if dims.qk_layernorm:  # per head: [head_dim] weights (megatron and Qwen3 alike)
-        maps += [_entry(f"{m}self_attention.{p}_layernorm.weight", f"{h}self_attn.{p}_norm.weight", [(d,)], [(d,)],
-                        _copy) for p in "qk"]
+    if dims.qk_layernorm:  # per head: [head_dim] weights (megatron and Qwen3 alike); full width (OLMoE):
+        # q [heads·head_dim], k [groups·head_dim], the heads in q_proj / k_proj row order
+        widths = {"q": n * d, "k": g * d} if dims.qk_layernorm_width == "full" else {"q": d, "k": d}
+        maps += [_entry(f"{m}self_attention.{p}_layernorm.weight", f"{h}self_attn.{p}_norm.weight", [(widths[p],)],
+                        [(widths[p],)], _copy) for p in "qk"]
     if dims.qkv_bias:
         maps.append(_entry(f"{m}self_attention.linear_qkv.bias", [f"{h}self_attn.{p}_proj.bias" for p in "qkv"],
                            [(qkv_rows,)], [(n * d,), (g * d,), (g * d,)], split, fuse))

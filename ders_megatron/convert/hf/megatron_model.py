@@ -92,7 +92,8 @@ def gpt_from_dims(dims: ModelDims, **config_overrides):
     config = transformer_config(dims, **config_overrides)
     return GPTModel(
         config=config,
-        transformer_layer_spec=gpt_block_spec(config, ders=ders_config(dims)),
+        transformer_layer_spec=gpt_block_spec(config, ders=ders_config(dims),
+                                              qk_layernorm_width=dims.qk_layernorm_width),
         vocab_size=dims.padded_vocab_size,
         max_sequence_length=dims.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -129,6 +130,7 @@ def megatron_argv(dims: ModelDims, tokenizer_model=None) -> list[str]:
         flags += ["--use-rope-scaling", "--rope-scaling-factor", repr(dims.rope_scaling_factor)]
     flags += ["--add-qkv-bias"] if dims.qkv_bias else []
     flags += ["--qk-layernorm"] if dims.qk_layernorm else []
+    flags += ["--ders-qk-layernorm-width", dims.qk_layernorm_width] if dims.qk_layernorm_width != "head" else []
     flags += [] if dims.tie_embeddings else ["--untie-embeddings-and-output-weights"]
     if dims.is_moe:
         flags += (

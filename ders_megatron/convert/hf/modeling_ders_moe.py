@@ -11,7 +11,8 @@ not import ders-megatron: the sparse-position derivation
 ``ders_megatron/core/deltas.py`` and a test keeps them identical.
 
 The decoder is the one of the transformers family ``config.base_model_type``
-(Qwen2-MoE: attention with optional q/k/v bias; Qwen3-MoE: per-head QK-norm), built
+(Qwen2-MoE: attention with optional q/k/v bias; Qwen3-MoE: per-head QK-norm; OLMoE:
+QK-norm over all heads at once), built
 by transformers itself (its ``...Model`` class: embeddings, attention, norms, RoPE,
 dense MLPs, masks, cache); only the expert computation of each MoE layer is DeRS
 (:class:`DeRSMoEBlock`, with the family's own router and shared-expert MLP classes).
@@ -51,6 +52,7 @@ from .configuration_ders_moe import DeRSMoEConfig
 FAMILIES = {
     "qwen2_moe": ("transformers.models.qwen2_moe.modeling_qwen2_moe", "Qwen2Moe"),
     "qwen3_moe": ("transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3Moe"),
+    "olmoe": ("transformers.models.olmoe.modeling_olmoe", "Olmoe"),
 }
 
 
@@ -287,14 +289,18 @@ def is_moe_layer(config, layer_idx: int) -> bool:
 
 @contextlib.contextmanager
 def _dense_layers_only(config):
-    """While the family builds its decoder, every layer is dense: its full experts (E times
-    a FFN per layer) are never allocated only to be replaced."""
-    saved = list(config.mlp_only_layers)
+    """While the family builds its decoder, every layer is dense (Qwen2/3-MoE:
+    ``mlp_only_layers``) or its MoE block has no experts (OLMoE, MoE in every layer:
+    ``num_experts`` 0): the full experts (E times a FFN per layer) are never allocated
+    only to be replaced."""
+    saved = list(config.mlp_only_layers), config.num_experts
     config.mlp_only_layers = list(range(config.num_hidden_layers))
+    if config.base_model_type == "olmoe":
+        config.num_experts = 0
     try:
         yield
     finally:
-        config.mlp_only_layers = saved
+        config.mlp_only_layers, config.num_experts = saved
 
 
 def build_decoder(config: DeRSMoEConfig) -> nn.Module:
@@ -311,7 +317,7 @@ def build_decoder(config: DeRSMoEConfig) -> nn.Module:
 class DeRSMoEPreTrainedModel(Qwen2MoePreTrainedModel):
     config_class = DeRSMoEConfig
     config: DeRSMoEConfig
-    _no_split_modules = ["Qwen2MoeDecoderLayer", "Qwen3MoeDecoderLayer"]
+    _no_split_modules = ["Qwen2MoeDecoderLayer", "Qwen3MoeDecoderLayer", "OlmoeDecoderLayer"]
 
     def _init_weights(self, module):
         super()._init_weights(module)

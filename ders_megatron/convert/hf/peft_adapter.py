@@ -5,7 +5,7 @@ exactly a per-expert LoRA over a MoE whose every expert is the base, i.e. the de
 FFN it was upcycled from. :func:`export_peft` writes
 
 * ``<output>/base/``: that MoE as a plain transformers folder (``mixtral``,
-  ``qwen2_moe`` or ``qwen3_moe``, :func:`~ders_megatron.convert.hf.exporter.export_hf`
+  ``qwen2_moe``, ``qwen3_moe`` or ``olmoe``, :func:`~ders_megatron.convert.hf.exporter.export_hf`
   with every delta read as zero: each expert is ``W_base``), with everything else
   (attention, norms, router, embeddings, shared expert) as trained;
 * ``<output>/adapter/``: ``adapter_config.json`` + ``adapter_model.safetensors``
@@ -45,17 +45,17 @@ from ders_megatron.convert.hf.keymap import DELTA_MATRICES, delta_config_of, mat
 from ders_megatron.io.checkpoint import CheckpointError, atomic_output_dir
 from ders_megatron.io.reader import CheckpointReader
 
-ADAPTER_FORMATS = ("mixtral", "qwen2_moe", "qwen3_moe")
+ADAPTER_FORMATS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 TARGET_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]  # order = nesting (module doc)
 SHARED_TARGETS = [f"shared_expert.{proj}" for proj in DELTA_MATRICES.values()]
 PREFIX = "base_model.model."  # PeftModelForCausalLM -> LoraModel -> the transformers model
 
 
 def default_format(dims: ModelDims) -> str:
-    """The transformers MoE family that holds ``dims``: Qwen3-MoE for QK-norm, Qwen2-MoE
-    with a shared expert, else Mixtral."""
+    """The transformers MoE family that holds ``dims``: OLMoE for QK-norm over all heads,
+    Qwen3-MoE for per-head QK-norm, Qwen2-MoE with a shared expert, else Mixtral."""
     if dims.qk_layernorm:
-        return "qwen3_moe"
+        return "olmoe" if dims.qk_layernorm_width == "full" else "qwen3_moe"
     return "qwen2_moe" if dims.shared_expert_size else "mixtral"
 
 
@@ -69,7 +69,7 @@ def check_adapter(dims: ModelDims, fmt: str) -> None:
            f"{', '.join(ADAPTER_FORMATS)}")
     dims.check_format(fmt)
     _check(dims.is_ders, "a PEFT adapter holds DeRS deltas; this checkpoint has megatron's own experts "
-           "(export it with --format mixtral/qwen2_moe/qwen3_moe)")
+           "(export it with --format mixtral/qwen2_moe/qwen3_moe/olmoe)")
     config = delta_config_of(dims)
     kinds = {matrix: matrix_config(config, matrix).kind for matrix in DELTA_MATRICES}
     _check(set(kinds.values()) == {"lowrank"}, f"a PEFT LoRA adapter holds low-rank deltas only; this checkpoint "
