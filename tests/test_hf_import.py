@@ -56,6 +56,39 @@ def test_import_reads_fused_expert_layout(dist1, tmp_path):
     torch.testing.assert_close(got, hf_logits(model, ids), atol=ATOL, rtol=RTOL)
 
 
+def test_import_reads_pytorch_bin_memory_mapped(dist1, tmp_path):
+    """A ``pytorch_model.bin`` folder imports with the HF logits, and its file is memory-mapped
+    (in this process's /proc/self/maps while the source is open: tensors are read from disk
+    as the import reaches them, as safetensors are); a damaged .bin is named."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from ders_megatron.convert.hf.dims import ConversionError
+    from ders_megatron.convert.hf.hf_files import HFSource
+
+    model = save_tiny_hf("olmoe", tmp_path / "safetensors")
+    source = tmp_path / "bin"
+    model.config.save_pretrained(source)
+    state = load_file(tmp_path / "safetensors" / "model.safetensors")  # the classic per-expert keys
+    torch.save(state, source / "pytorch_model.bin")
+    opened = HFSource(source)
+    assert str(source / "pytorch_model.bin") in Path("/proc/self/maps").read_text()
+    assert opened.keys() == set(state)
+    ids = tokens()
+    got = dist1.run(_import_logits, str(source), str(tmp_path / "megatron"), ids)[0]
+    torch.testing.assert_close(got, hf_logits(model, ids), atol=ATOL, rtol=RTOL)
+
+    legacy = tmp_path / "legacy"  # torch's pre-zip format cannot be mapped: loaded whole, with a warning
+    model.config.save_pretrained(legacy)
+    torch.save(state, legacy / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    with pytest.warns(UserWarning, match="legacy format, which cannot be memory-mapped"):
+        assert HFSource(legacy).keys() == set(state)
+    (source / "pytorch_model.bin").write_bytes((source / "pytorch_model.bin").read_bytes()[:4096])
+    with pytest.raises(ConversionError, match="pytorch_model.bin is not a loadable PyTorch weights file"):
+        HFSource(source)
+
+
 def test_import_writes_megatron_args_vocab_padding_and_tokenizer(dist1, tmp_path):
     from ders_megatron.io.checkpoint import load_common
 

@@ -133,10 +133,26 @@ def check_finite(tensor: torch.Tensor, name: str, file) -> None:
                                   "the weights are damaged, re-download or re-save them")
 
 
+def load_bin(file: Path) -> dict[str, torch.Tensor]:
+    """A ``pytorch_model*.bin`` as data (``weights_only=True``), memory-mapped (``mmap=True``):
+    its tensors are views of the file, read from disk only when a conversion touches them and
+    dropped by the OS under pressure, so a .bin source streams like safetensors. A file in
+    torch's legacy (pre-zip) format cannot be mapped and is loaded whole, with a warning."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as err:
+        if "mmap" not in str(err):
+            raise ConversionError(f"{file} is not a loadable PyTorch weights file ({first_line(err)}); "
+                                  "re-download it") from None
+    warnings.warn(f"{file} is in torch's legacy format, which cannot be memory-mapped: loading it whole "
+                  "(convert the folder to safetensors to stream it)")
+    return torch.load(file, map_location="cpu", weights_only=True)
+
+
 class HFSource:
     """Tensors of an HF model folder by name, read one at a time and checked finite
     (safetensors, sharded with ``model.safetensors.index.json`` or not; or
-    ``pytorch_model*.bin`` loaded whole with ``weights_only=True``)."""
+    ``pytorch_model*.bin``, memory-mapped: :func:`load_bin`)."""
 
     # transformers 5 keeps experts fused in memory ([E, 2I, H] gate_up, [E, H, I] down) and
     # accepts such files; classic per-expert names are served from them (gate first, then up:
@@ -166,7 +182,7 @@ class HFSource:
                 raise ConversionError(f"{self.path} holds no *.safetensors or pytorch_model*.bin weights")
             self._bin = {}
             for file in bins:
-                loaded = torch.load(file, map_location="cpu", weights_only=True)
+                loaded = load_bin(file)
                 self._bin.update(loaded)
                 self._info.update({k: TensorInfo(tuple(t.shape), t.dtype, file) for k, t in loaded.items()})
         self._check_index()
