@@ -135,17 +135,22 @@ def _build_gpt_qk_norms(args):
         return type(attention.q_layernorm).__name__, tuple(attention.k_layernorm.weight.shape)
 
 
-def test_training_builder_builds_the_qk_norm(dist1):
-    """--qk-layernorm reaches the layer spec of the one model builder (training, upcycle,
+@pytest.mark.parametrize("width, kv_channels, built", [
+    ("head", 24, ("RMSNorm", (24,))),  # per head: [head_dim]
+    ("full", 16, ("FullWidthQKNorm", (2 * 16,))),  # OLMoE: k_norm over both key heads
+])
+def test_training_builder_builds_the_qk_norm(dist1, width, kv_channels, built):
+    """--qk-layernorm (and --ders-qk-layernorm-width, through the checkpoint args the
+    converters write) reaches the layer spec of the one model builder (training, upcycle,
     compress): without it megatron's attention keeps the spec's IdentityOp silently."""
     from ders_megatron.convert.hf.dims import ModelDims
     from ders_megatron.convert.hf.megatron_model import checkpoint_args
 
     args = checkpoint_args(ModelDims(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
-                                     num_query_groups=2, kv_channels=24, vocab_size=100, padded_vocab_size=128,
-                                     qk_layernorm=True))
-    assert args.qk_layernorm
-    assert dist1.run(_build_gpt_qk_norms, args)[0] == ("RMSNorm", (24,))
+                                     num_query_groups=2, kv_channels=kv_channels, vocab_size=100,
+                                     padded_vocab_size=128, qk_layernorm=True, qk_layernorm_width=width))
+    assert args.qk_layernorm and args.ders_qk_layernorm_width == width
+    assert dist1.run(_build_gpt_qk_norms, args)[0] == built
 
 
 def test_hf_dir_takes_a_repo_id_from_the_local_cache(tmp_path, monkeypatch):
