@@ -9,7 +9,8 @@
   temporary sibling directory and replace their old versions together (order
   below), or not at all.
 * :func:`atomic_text_file` / :func:`write_text_atomic`: one small file (a ``--json``
-  report, a plot, the tracker).
+  report, a plot, the tracker); :func:`atomic_binary_file` the same for bytes (a
+  safetensors file, :mod:`ders_megatron.io.safetensors_writer`).
 
 Temporaries carry the host and process id, so the next run into the same parent
 removes those of killed runs (:func:`clear_stale_temporaries`: same host, process
@@ -210,17 +211,20 @@ def _install_files(staged: list[Path], paths: list[Path], tmp: Path) -> None:
         raise
 
 
+def temp_sibling(path) -> Path:
+    """A fresh temporary sibling of ``path`` (``.NAME.tmp-HOST-PID-XXXXXXXX``), named so that
+    :func:`clear_stale_temporaries` removes it once this process is gone."""
+    path = Path(path)
+    return path.with_name(temp_prefix(path.name) + secrets.token_hex(4))
+
+
 @contextlib.contextmanager
-def atomic_text_file(path, fsync: bool = False):
-    """A text file opened for writing that replaces ``path`` when the block succeeds (a
-    temporary sibling renamed over it): readers see the old file or the new one, never
-    a part; on failure nothing changes. ``fsync`` flushes it to disk before the rename
-    (a tracker that must survive a power cut)."""
+def _atomic_file(path, mode: str, fsync: bool):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(temp_prefix(path.name) + secrets.token_hex(4))  # the umask's permissions
+    tmp = temp_sibling(path)  # the umask's permissions
     try:
-        with open(tmp, "x") as f:
+        with open(tmp, mode) as f:
             yield f
             f.flush()
             if fsync:
@@ -228,6 +232,23 @@ def atomic_text_file(path, fsync: bool = False):
         os.replace(tmp, path)
     except BaseException as err:
         _fail(err, path, tmp)
+
+
+@contextlib.contextmanager
+def atomic_text_file(path, fsync: bool = False):
+    """A text file opened for writing that replaces ``path`` when the block succeeds (a
+    temporary sibling renamed over it): readers see the old file or the new one, never
+    a part; on failure nothing changes. ``fsync`` flushes it to disk before the rename
+    (a tracker that must survive a power cut)."""
+    with _atomic_file(path, "x", fsync) as f:
+        yield f
+
+
+@contextlib.contextmanager
+def atomic_binary_file(path, fsync: bool = False):
+    """:func:`atomic_text_file` for bytes (a file opened ``"xb"``)."""
+    with _atomic_file(path, "xb", fsync) as f:
+        yield f
 
 
 def write_text_atomic(path, text: str) -> None:
