@@ -26,7 +26,10 @@ sets agree. ``--moe-router-pre-softmax`` (no renormalization) is Qwen2-MoE's
 ``norm_topk_prob=False``; anything else is refused (:mod:`ders_megatron.convert.hf.dims`).
 
 Memory: one layer's megatron tensors (read as per-layer chunks,
-:mod:`ders_megatron.io.reader`) plus at most one output shard.
+:mod:`ders_megatron.io.reader`) and the HF tensors made from them, whatever
+``--max-shard-size`` is: each HF tensor is spilled to disk as it is made and a shard
+is written from the spill when it is full (:mod:`ders_megatron.io.safetensors_writer`;
+disk: the open shard's spill besides the output, until the shard is written).
 """
 
 from __future__ import annotations

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ders_megatron.convert.hf.dims import ConversionError
 from ders_megatron.io.errors import first_line
+from ders_megatron.io.safetensors_writer import SafetensorsFileWriter
 
 # What AutoTokenizer / GenerationConfig read from a model folder.
 TOKENIZER_FILES = (
@@ -330,34 +330,42 @@ def warn_missing_tokenizer(where: str, stacklevel: int = 3) -> None:
 class ShardedSafetensorsWriter:
     """Writes tensors into ``model-XXXXX-of-YYYYY.safetensors`` shards of at most
     ``max_shard_bytes`` each (one ``model.safetensors`` if it all fits), with
-    transformers' ``model.safetensors.index.json``. Tensors are flushed to disk as
-    each shard fills, so memory holds at most one shard."""
+    transformers' ``model.safetensors.index.json``. Each tensor goes to disk as it is
+    added (:class:`~ders_megatron.io.safetensors_writer.SafetensorsFileWriter` spills it
+    and writes the shard when it is full), so memory holds no shard whatever
+    ``max_shard_bytes`` is; the bytes are ``save_file``'s, as before."""
 
     def __init__(self, folder, max_shard_bytes: int):
         self.folder = Path(folder)
         self.max_shard_bytes = max_shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
+        self._open: SafetensorsFileWriter | None = None
+        self._open_names: list[str] = []
         self._shards: list[tuple[Path, list[str]]] = []
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         size = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
-            self._flush()
-        self._pending[name] = tensor.detach().contiguous().clone()
-        self._pending_bytes += size
+        if self._open is not None and self._open.nbytes + size > self.max_shard_bytes:
+            self._close_shard()
+        if self._open is None:
+            self._open_shard()
+        self._open.add(name, tensor)
+        self._open_names.append(name)
         self.total_bytes += size
 
-    def _flush(self) -> None:
+    def _open_shard(self) -> None:
         path = self.folder / f"shard-{len(self._shards):05d}.tmp"
-        save_file(self._pending, str(path), metadata={"format": "pt"})
-        self._shards.append((path, list(self._pending)))
-        self._pending, self._pending_bytes = {}, 0
+        self._open, self._open_names = SafetensorsFileWriter(path, metadata={"format": "pt"}), []
+
+    def _close_shard(self) -> None:
+        self._shards.append((self._open.close(), self._open_names))
+        self._open, self._open_names = None, []
 
     def finish(self) -> list[Path]:
-        if self._pending or not self._shards:
-            self._flush()
+        if self._open is None and not self._shards:
+            self._open_shard()  # nothing added: one shard of no tensors, as save_file({}) writes
+        if self._open is not None:
+            self._close_shard()
         if len(self._shards) == 1:
             final = self.folder / "model.safetensors"
             self._shards[0][0].rename(final)
