@@ -102,7 +102,7 @@ def hf_tensors(dims: ModelDims, family: str = "llama"):
 @torch.no_grad()
 def write_synthetic_hf(folder, model: SyntheticModel, seed: int = 0, shard_bytes: int = 512 * MIB) -> Path:
     """An HF folder of random weights (norms near 1, matrices N(0, 0.02²)), sharded with an
-    index; one tensor and one shard in memory at a time."""
+    index; one tensor in memory at a time."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
