@@ -213,31 +213,39 @@ def upcycle_on_full_disk(argv):
         FileSystem.create_stream = plain
 
 
-def test_full_disk_during_upcycle(dist1, tmp_path):
+def test_full_disk_during_upcycle(tmp_path):
+    """In a worker of its own: torch's zip writer, failed mid-file, is left in a state whose
+    destruction later crashed the shared worker with SIGSEGV (seen when a later test's
+    import triggered a garbage collection; not yet understood)."""
+    from ders_megatron.testing.distributed import DistributedPool
+
     out = tmp_path / "out"
     argv = [str(a) for a in ["--load", GOLDEN / "dense", "--save", out, *UPCYCLE]]
-    code, _, stderr = dist1.run(upcycle_on_full_disk, argv)[0]
+    pool = DistributedPool(world_size=1)
+    try:
+        code, _, stderr = pool.run(upcycle_on_full_disk, argv)[0]
+    finally:
+        pool.close()
     assert code == 2
     assert f"disk full writing {out}" in one_error_line(stderr, "upcycle")
     assert nothing_written(out)
 
 
 def export_on_full_disk(argv):
-    """``convert_hf export`` whose safetensors writer finds the disk full; safetensors reports
-    the OS error inside its own (``SafetensorError: ... IoError(Os { code: 28, ... })``)."""
-    from safetensors import SafetensorError
+    """``convert_hf export`` whose shard writer finds the disk full: the OS's ENOSPC from the
+    spill file every tensor is written to as it is made (io/safetensors_writer.py)."""
+    import errno
 
-    from ders_megatron.convert.hf import hf_files
+    from ders_megatron.io.safetensors_writer import SafetensorsFileWriter
 
-    def full(*args, **kwargs):
-        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
-                              'message: "No space left on device" })')
+    def full(self, name, tensor):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
 
-    plain, hf_files.save_file = hf_files.save_file, full
+    plain, SafetensorsFileWriter.add = SafetensorsFileWriter.add, full
     try:
         return run_tool("convert_hf", argv)
     finally:
-        hf_files.save_file = plain
+        SafetensorsFileWriter.add = plain
 
 
 def test_full_disk_during_export(dist1, tmp_path):
