@@ -148,6 +148,17 @@ def test_magnitude_codec_equals_dropin_and_reference_ws1(dist1):
     assert dist1.run(fused_equals_dropin_and_reference, MAGNITUDE_CASES) == [len(MAGNITUDE_CASES)]
 
 
+def dispatched_rows(hidden: int, upstream_rows: int):
+    """What a dispatcher hands 4 local experts: 15 rows (5, 0, 7, 3 per expert), their
+    router probabilities, and an upstream gradient of ``upstream_rows`` rows (padding
+    rows beyond 15), drawn from a seed-0 generator in that order."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(15, hidden, generator=gen)  # [rows, hidden]
+    probs = torch.rand(15, generator=gen)  # [rows]
+    upstream = torch.randn(upstream_rows, hidden, generator=gen)  # [upstream_rows, hidden]
+    return torch.tensor([5, 0, 7, 3]), x, probs, upstream
+
+
 def test_fused_with_extended_ders_shared_expert(dist1):
     shared = dict(moe_shared_expert_intermediate_size=64, moe_shared_expert_gate=True)
     cases = [("lowrank", 2, shared), ("sparse", 1, dict(shared, **TOPK[1]))]
@@ -168,11 +179,7 @@ def kernel_on_dispatched_rows_equals_dropin(kind):
         experts = layer.experts
         randomize_deltas(experts)
         random_unique_indices(layer)
-        gen = torch.Generator().manual_seed(0)
-        tokens_per_expert = torch.tensor([5, 0, 7, 3])
-        x = torch.randn(15, config.hidden_size, generator=gen)
-        probs = torch.rand(15, generator=gen)
-        upstream = torch.randn(15, config.hidden_size, generator=gen)
+        tokens_per_expert, x, probs, upstream = dispatched_rows(config.hidden_size, upstream_rows=15)
         grads = []
         assert experts.uses_lowrank_kernel() if kind == "lowrank" else experts.uses_sparse_kernel()
         for fn in (experts.forward_unfused, lambda *a: (kernel(experts, *a, tile=2), None), experts.forward):
@@ -226,11 +233,7 @@ def padding_rows_reach_no_gradient(kind, padding):
         config = tiny_config()
         experts = build_moe_layers(config, DeRSConfig(delta={**KINDS, **CODEC_KINDS}[kind]))[0].experts
         randomize_deltas(experts)
-        gen = torch.Generator().manual_seed(0)
-        tokens_per_expert = torch.tensor([5, 0, 7, 3])
-        x = torch.randn(15, config.hidden_size, generator=gen)
-        probs = torch.rand(15, generator=gen)
-        upstream = torch.randn(20, config.hidden_size, generator=gen)
+        tokens_per_expert, x, probs, upstream = dispatched_rows(config.hidden_size, upstream_rows=20)
         fill = float("nan") if padding == "nan-rows" else 0.0
         runs = []
         for rows in (15, 20):

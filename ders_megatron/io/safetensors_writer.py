@@ -47,9 +47,9 @@ _HEADER_ALIGN = 8  # safetensors pads the header with spaces to a multiple of 8 
 
 @dataclass(frozen=True)
 class _Spilled:
-    """Where one added tensor's bytes lie in the spill file."""
+    """One added tensor: its dtype and shape, and where its bytes lie in the spill file."""
 
-    name: str
+    dtype: torch.dtype
     shape: list[int]
     offset: int
     nbytes: int
@@ -95,8 +95,7 @@ class SafetensorsFileWriter:
         self.metadata = metadata
         self.chunk_bytes = chunk_bytes
         self.nbytes = 0  # the tensors' bytes so far (the file's size less the header)
-        self._dtypes: dict[str, torch.dtype] = {}
-        self._spilled: dict[str, _Spilled] = {}
+        self._spilled: dict[str, _Spilled] = {}  # name -> the tensor, in the order added
         self._spill_path = temp_sibling(self.path)
         self._spill = open(self._spill_path, "xb")
 
@@ -106,16 +105,20 @@ class SafetensorsFileWriter:
             raise ValueError(f"{self.path}: tensor {name!r} added twice")
         data = _raw_bytes(tensor)
         self._spill.write(data)
-        self._dtypes[name] = tensor.dtype
-        self._spilled[name] = _Spilled(name, list(tensor.shape), self.nbytes, data.nbytes)
+        self._spilled[name] = _Spilled(tensor.dtype, list(tensor.shape), self.nbytes, data.nbytes)
         self.nbytes += data.nbytes
+
+    @property
+    def names(self) -> list[str]:
+        """The tensors added so far, in the order added."""
+        return list(self._spilled)
 
     def close(self) -> Path:
         """Write ``path``: the header, then the spilled bytes in safetensors' order; remove the spill."""
         self._spill.close()
         try:
             entries, begin = [], 0
-            for name, dtype in _safetensors_order(self._dtypes):
+            for name, dtype in _safetensors_order({name: t.dtype for name, t in self._spilled.items()}):
                 spilled = self._spilled[name]
                 entries.append((name, dtype, spilled.shape, begin, begin + spilled.nbytes))
                 begin += spilled.nbytes

@@ -339,7 +339,6 @@ class ShardedSafetensorsWriter:
         self.folder = Path(folder)
         self.max_shard_bytes = max_shard_bytes
         self._open: SafetensorsFileWriter | None = None
-        self._open_names: list[str] = []
         self._shards: list[tuple[Path, list[str]]] = []
         self.total_bytes = 0
 
@@ -350,16 +349,16 @@ class ShardedSafetensorsWriter:
         if self._open is None:
             self._open_shard()
         self._open.add(name, tensor)
-        self._open_names.append(name)
         self.total_bytes += size
 
     def _open_shard(self) -> None:
         path = self.folder / f"shard-{len(self._shards):05d}.tmp"
-        self._open, self._open_names = SafetensorsFileWriter(path, metadata={"format": "pt"}), []
+        self._open = SafetensorsFileWriter(path, metadata={"format": "pt"})
 
     def _close_shard(self) -> None:
-        self._shards.append((self._open.close(), self._open_names))
-        self._open, self._open_names = None, []
+        names = self._open.names
+        self._shards.append((self._open.close(), names))
+        self._open = None
 
     def finish(self) -> list[Path]:
         if self._open is None and not self._shards:
