@@ -29,7 +29,7 @@ Shapes: ``O`` rows / ``I`` columns of the (sliced) Δ, ``K`` kept values, ``n``/
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -58,6 +58,8 @@ class SparseIndex:
     order_t_K: torch.Tensor  # [K] int64: entry of Δ's order at each place of Δᵀ's order
     nnz: int
     device: torch.device
+    # indexes derived from this one (:meth:`stacked_over`), built once: other's id -> (other, index)
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     def values(self, values_K: torch.Tensor) -> torch.Tensor:
         """The entries' values in CSR order from one expert's stored values [K_stored]."""
@@ -76,6 +78,23 @@ class SparseIndex:
         """Δ as a dense [O, I] float32 tensor: for merging and references only, never in a product."""
         out = torch.zeros(self.shape, dtype=torch.float32, device=vals_K.device)
         return out.index_put((self.row_K, self.col_K), vals_K.float())
+
+    def stacked_over(self, bottom: "SparseIndex") -> "SparseIndex":
+        """The index of ``[self; bottom]`` ([O + O_bottom, I]: ``bottom``'s rows below this one's),
+        entries in this index's CSR order then ``bottom``'s; built once per pair and kept.
+
+        One product of the stacked matrix replaces two (the SwiGLU kernel's gate and up
+        deltas against the same x): half the sparse calls and their fixed cost per tile."""
+        cached = self.derived.get(id(bottom))
+        if cached is not None and cached[0] is bottom:
+            return cached[1]
+        (O, I), O_bottom = self.shape, bottom.shape[0]
+        if bottom.shape[1] != I or bottom.device != self.device:
+            raise ValueError(f"cannot stack a {bottom.shape} index under a {self.shape} one")
+        flat = torch.cat([self.row_K * I + self.col_K, (bottom.row_K + O) * I + bottom.col_K])  # sorted
+        stacked = build_sparse_index(flat, O + O_bottom, I, (0, O + O_bottom), (0, I))
+        self.derived[id(bottom)] = (bottom, stacked)
+        return stacked
 
     def pattern(self, dtype: torch.dtype) -> torch.Tensor:
         """Δ's positions as a CSR tensor of zeros: the accumulator of :func:`sampled_grad_into`."""
@@ -133,6 +152,18 @@ def _row_pointers(row_K: torch.Tensor, rows: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- #
 # The three kernels, on tokens laid out as columns ([features, n], contiguous).
 # --------------------------------------------------------------------------- #
+def product_into(out_flat: torch.Tensor, mat_OI: torch.Tensor, bT_In: torch.Tensor) -> torch.Tensor:
+    """``mat @ bᵀ`` written into the first O·n entries of ``out_flat`` as a contiguous [O, n].
+
+    ``addmm(out, mat, b, beta=0, out=out)`` lets MKL (cuSPARSE) write the row-major result
+    in place, ``out``'s old contents ignored; ``mat @ b`` fills a fresh buffer and copies it
+    (measured on [4096, 1024] deltas and 256 columns, one thread: 0.25 vs 0.83 ms at
+    p = 0.9999, 0.82 vs 1.53 ms at p = 0.99)."""
+    O, n = mat_OI.shape[0], bT_In.shape[1]
+    out_On = out_flat[: O * n].view(O, n)
+    return torch.addmm(out_On, mat_OI, bT_In, beta=0, out=out_On)
+
+
 def delta_times(index: SparseIndex, vals_K: torch.Tensor, xT_In: torch.Tensor) -> torch.Tensor:
     """Δ @ xᵀ: [O, n] (x given transposed, [I, n], in :func:`sparse_dtype`)."""
     return index.matrix(vals_K.to(xT_In.dtype)) @ xT_In

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ders_megatron.core.deltas import PositionDeltas
-from ders_megatron.core.sparse_product import sampled_grad_into, sparse_dtype
+from ders_megatron.core.sparse_product import product_into, sampled_grad_into, sparse_dtype
 from ders_megatron.layers.prob_grads import exact_products, prob_grad_dtype, product_scratch
 
 MATRICES = ("fc1_gate", "fc1_up", "fc2")
@@ -82,14 +82,13 @@ class _SparseSwiGLU(torch.autograd.Function):
         hbar_TF = base_T2F.new_empty(T, F_)
         dout_TH = base_T2F.new_empty(T, x_TH.shape[1])
         plan = _plan(segments, token_P, tile)
-        g_, u_ = (base_T2F.new_empty(tile, F_) for _ in range(2))
+        gu_ = base_T2F.new_empty(tile, 2 * F_)
+        products = _product_buffer(base_T2F, x_TH, tile, cd)
         for e, c, tok, first in plan:
             n = c.stop - c.start
-            g, u = g_[:n], u_[:n]
-            xT = _gather_t(x_TH, tok, cd)
-            _gate_up(base_T2F, tok, mats[e], xT, g, u)
-            h = torch._C._nn.silu(g).mul_(u)  # [n, F]
-            d2 = _rows(mats[e][2] @ h.t().to(cd).contiguous())  # [n, H]
+            gu = _gate_up(base_T2F, tok, mats[e][0], _gather_t(x_TH, tok, cd), gu_[:n], products)
+            h = torch._C._nn.silu(gu[:, :F_]).mul_(gu[:, F_:])  # [n, F]
+            d2 = _rows(product_into(products, mats[e][1], h.t().to(cd).contiguous()))  # [n, H]
             _write_rows(dout_TH, tok, d2.mul_(p_P1[c]), first)
             _write_rows(hbar_TF, tok, h.mul_(p_P1[c]), first)
         ctx.save_for_backward(base_T2F, x_TH, vg_EK, vu_EK, v2_EK, p_P1)
@@ -106,31 +105,32 @@ class _SparseSwiGLU(torch.autograd.Function):
         F_ = base_T2F.shape[1] // 2
         dhbar_TF = dhbar_TF.contiguous()
         grads = _Grads(base_T2F, x_TH, values, indexes, p_P1.shape[0], cd, ctx.p_dtype)
-        g_, u_, s_ = (base_T2F.new_empty(ctx.tile, F_) for _ in range(3))
+        gu_ = base_T2F.new_empty(ctx.tile, 2 * F_)
+        s_ = base_T2F.new_empty(ctx.tile, F_)
+        products = _product_buffer(base_T2F, x_TH, ctx.tile, cd)
         hG_ = product_scratch(base_T2F, ctx.tile, F_, grads.p_P.dtype)  # h·G, exact products
         dgu = base_T2F.new_empty(ctx.tile, 2 * F_)  # [dg | du]: one contiguous row per pair
         for e, c, tok, first in ctx.plan:
             n = c.stop - c.start
-            g, u, s, dgu_ = g_[:n], u_[:n], s_[:n], dgu[:n]
+            s, dgu_ = s_[:n], dgu[:n]
             xT = _gather_t(x_TH, tok, cd)
-            _gate_up(base_T2F, tok, mats[e], xT, g, u)
+            gu = _gate_up(base_T2F, tok, mats[e][0], xT, gu_[:n], products)
+            g, u = gu[:, :F_], gu[:, F_:]
             torch._C._nn.silu(g, out=s)
             h = s * u
             ddoutT = _gather_t(ddout_TH, tok, cd)  # [H, n]
             G = torch.index_select(dhbar_TF, 0, tok)
-            G.add_(_rows(mats_t[e][2] @ ddoutT))  # dL/d(p h)
-            grads.add_values(e, 2, ddoutT.mul_(p_P1[c].t().to(cd)), h.to(cd))
+            G.add_(_rows(product_into(products, mats_t[e][1], ddoutT)))  # dL/d(p h)
+            grads.add_values(e, 1, ddoutT.mul_(p_P1[c].t().to(cd)), h.to(cd))
             torch.sum(exact_products(h, G, hG_), 1, out=grads.p_P[c])  # dL/dp = h·G
             G.mul_(p_P1[c])  # dL/dh
             torch.mul(G, s, out=dgu_[:, F_:])  # du = dL/dh · silu(g)
             torch.ops.aten.silu_backward.grad_input(G.mul_(u), g, grad_input=dgu_[:, :F_])  # dg
             _write_rows(grads.base_T2F, tok, dgu_, first)
-            dgT, duT = dgu_[:, :F_].t().to(cd).contiguous(), dgu_[:, F_:].t().to(cd).contiguous()  # [F, n]
-            dxT = mats_t[e][0] @ dgT  # [H, n]
-            dxT += mats_t[e][1] @ duT
-            grads.x_TH.index_add_(0, tok, _rows(dxT).to(grads.x_TH.dtype))
-            grads.add_values(e, 0, dgT, xT.t())
-            grads.add_values(e, 1, duT, xT.t())
+            dguT = dgu_.t().to(cd).contiguous()  # [2F, n]
+            dx = _rows(product_into(products, mats_t[e][0], dguT))  # [n, H]: Δgᵀ dg + Δuᵀ du, one product
+            grads.x_TH.index_add_(0, tok, dx.to(grads.x_TH.dtype))
+            grads.add_values(e, 0, dguT, xT.t())
         dvg, dvu, dv2 = grads.values_grads()
         return (grads.base_T2F, grads.x_TH, dvg, dvu, dv2, grads.p_P.to(ctx.p_dtype),
                 None, None, None, None)
@@ -138,46 +138,62 @@ class _SparseSwiGLU(torch.autograd.Function):
 
 class _Grads:
     """Gradient buffers of :class:`_SparseSwiGLU`; the values' gradients accumulate per
-    (expert, matrix) in CSR order, in place across the tiles (a sampled product into one
-    CSR accumulator each), and land on the stored values at the end (kept positions only)."""
+    (expert, product) in CSR order, in place across the tiles (a sampled product into one
+    CSR accumulator each: the stacked gate/up delta, fc2's), and land on the stored values
+    at the end (kept positions only)."""
 
     def __init__(self, base_T2F, x_TH, values, indexes, pairs: int, dtype, p_dtype):
         self.base_T2F = torch.empty_like(base_T2F)  # every row written by its token's slot-0 pair
         self.x_TH = torch.zeros_like(x_TH)
         self.p_P = base_T2F.new_empty(pairs, dtype=prob_grad_dtype(p_dtype))
         self.values, self.indexes, self.dtype = values, indexes, dtype
-        self.dvals = {}  # (expert, matrix) -> CSR accumulator, values [K'] in CSR order
+        self.dvals = {}  # (expert, product) -> CSR accumulator, values [K'] in CSR order
 
-    def add_values(self, e, m, dyT_On, x_nI) -> None:
-        """dv += (dyᵀ x) at the kept positions of expert e's matrix m."""
-        key = (e, m)
+    def add_values(self, e, product: int, dyT_On, x_nI) -> None:
+        """dv += (dyᵀ x) at the kept positions of expert e's product (0: gate/up stacked, 1: fc2)."""
+        key = (e, product)
         if key not in self.dvals:
-            self.dvals[key] = self.indexes[e][m].pattern(self.dtype)
+            self.dvals[key] = _product_indexes(self.indexes[e])[product].pattern(self.dtype)
         sampled_grad_into(self.dvals[key], dyT_On, x_nI)
 
     def values_grads(self):
         out = [torch.zeros_like(v) for v in self.values]  # [E, K] each
-        for (e, m), acc in self.dvals.items():
+        for (e, product), acc in self.dvals.items():
+            gate, up, fc2 = self.indexes[e]
             dv = acc.values()
-            value_index = self.indexes[e][m].value_index_K
-            if value_index is None:
-                out[m][e] += dv.to(out[m].dtype)
-            else:
-                out[m][e].index_add_(0, value_index, dv.to(out[m].dtype))
+            parts = ((0, gate, dv[: gate.nnz]), (1, up, dv[gate.nnz:])) if product == 0 else ((2, fc2, dv),)
+            for m, index, dv_m in parts:
+                if index.value_index_K is None:
+                    out[m][e] += dv_m.to(out[m].dtype)
+                else:
+                    out[m][e].index_add_(0, index.value_index_K, dv_m.to(out[m].dtype))
         return out
+
+
+def _product_indexes(index3):
+    """(gate; up stacked [2F, H], fc2 [H, F]): the two sparse products of one expert."""
+    gate, up, fc2 = index3
+    return gate.stacked_over(up), fc2
 
 
 def _expert_matrices(indexes, values, dtype, transposed: bool):
-    """Per expert, (gate, up, fc2) deltas as CSR tensors in ``dtype`` (Δ, or Δᵀ when
-    ``transposed``), built once per call and shared by its tiles (no autograd: the
-    kernel's own backward)."""
+    """Per expert, the stacked gate/up delta [2F, H] and fc2's [H, F] as CSR tensors in
+    ``dtype`` (their transposes when ``transposed``), built once per call and shared by its
+    tiles (no autograd: the kernel's own backward)."""
     with torch.no_grad():
         out = []
         for e, index3 in enumerate(indexes):
-            vals3 = (index.values(v[e]).to(dtype) for index, v in zip(index3, values))
+            gate, up, fc2 = index3
+            vals_gu = torch.cat([gate.values(values[0][e]), up.values(values[1][e])]).to(dtype)
+            vals_2 = fc2.values(values[2][e]).to(dtype)
             out.append(tuple(index.matrix_t(vals) if transposed else index.matrix(vals)
-                             for index, vals in zip(index3, vals3)))
+                             for index, vals in zip(_product_indexes(index3), (vals_gu, vals_2))))
         return out
+
+
+def _product_buffer(base_T2F, x_TH, tile: int, dtype) -> torch.Tensor:
+    """Room for any product's [O, n] result of a tile (O = 2F or H), reused by every product."""
+    return base_T2F.new_empty(tile * max(base_T2F.shape[1], x_TH.shape[1]), dtype=dtype)
 
 
 def _rows(yT_On: torch.Tensor) -> torch.Tensor:
@@ -191,13 +207,10 @@ def _gather_t(x_TH, tok_n, dtype) -> torch.Tensor:
     return x_TH.index_select(0, tok_n).t().to(dtype).contiguous()
 
 
-def _gate_up(base_T2F, tok_n, mats3, xT_Hn, g_nF, u_nF) -> None:
-    """g <- base_gate[tok] + (Δg xᵀ)ᵀ ; u <- base_up[tok] + (Δu xᵀ)ᵀ."""
-    F_ = g_nF.shape[1]
-    torch.index_select(base_T2F[:, :F_], 0, tok_n, out=g_nF)
-    torch.index_select(base_T2F[:, F_:], 0, tok_n, out=u_nF)
-    g_nF.add_(_rows(mats3[0] @ xT_Hn))
-    u_nF.add_(_rows(mats3[1] @ xT_Hn))
+def _gate_up(base_T2F, tok_n, mat_gu, xT_Hn, gu_n2F, products) -> torch.Tensor:
+    """[g | u] <- base[tok] + ([Δg; Δu] xᵀ)ᵀ: one gather, one stacked product, one add."""
+    torch.index_select(base_T2F, 0, tok_n, out=gu_n2F)
+    return gu_n2F.add_(_rows(product_into(products, mat_gu, xT_Hn)))
 
 
 def _plan(segments, token_P, tile: int):
