@@ -139,6 +139,40 @@ def test_fused_equals_dropin_and_reference_ws1(dist1):
     assert dist1.run(fused_equals_dropin_and_reference, LAYER_CASES) == [len(LAYER_CASES)]
 
 
+# The sparse kernel takes, per expert product, the CSR form or the gather form (tiny deltas,
+# layers/sparse_compute.py:gather_form_applies); at these sizes the rule picks CSR, so the
+# gather form (everywhere, or for one of the two products) is forced here.
+GATHER_FORMS = {
+    "gather": lambda index: True,
+    "gather gate/up, CSR fc2": lambda index: index.shape[0] > index.shape[1],  # [2F, H] vs [H, F]
+    "CSR gate/up, gather fc2": lambda index: index.shape[0] < index.shape[1],
+}
+
+
+@contextlib.contextmanager
+def sparse_form(name):
+    from ders_megatron.layers import sparse_compute
+
+    rule = sparse_compute.gather_form_applies
+    sparse_compute.gather_form_applies = GATHER_FORMS[name]
+    try:
+        yield
+    finally:
+        sparse_compute.gather_form_applies = rule
+
+
+def sparse_gather_form_equals_dropin_and_reference(form):
+    cases = [("sparse", topk, dict(TOPK[topk])) for topk in (1, 2, 4)]
+    cases += [("sparse", 2, dict(moe_expert_capacity_factor=1.0)), ("magnitude", 2, {})]
+    with sparse_form(form):
+        return fused_equals_dropin_and_reference(cases)
+
+
+@pytest.mark.parametrize("form", list(GATHER_FORMS))
+def test_sparse_gather_form_equals_dropin_and_reference_ws1(dist1, form):
+    assert dist1.run(sparse_gather_form_equals_dropin_and_reference, form) == [5]
+
+
 MAGNITUDE_CASES = [("magnitude", topk, dict(TOPK[topk])) for topk in (1, 2, 4)] + [
     ("magnitude", 2, GELU_BIAS),  # generic path: the sparse product without the tiled kernel
 ]
@@ -327,7 +361,7 @@ def test_kernel_on_no_rows(dist1, kind):
     dist1.run(kernel_on_no_rows, kind)
 
 
-def sparse_kernel_keeps_dropped_positions_and_builds_no_dense_delta():
+def sparse_kernel_keeps_dropped_positions_and_builds_no_dense_delta(form=None):
     """DeRS-SM: one training step of the fused kernel (frozen base) creates no tensor shaped like
     any expert matrix [O, I] (forward or backward), and the step leaves every dropped position of
     every Δ_e at exactly zero while the kept ones move."""
@@ -364,7 +398,7 @@ def sparse_kernel_keeps_dropped_positions_and_builds_no_dense_delta():
             # and no tile or activation shaped like a delta matrix ([64, 32], [32, 64]).
             x = torch.randn(20, 1, config.hidden_size, requires_grad=True)
             shapes = Shapes()
-            with shapes:
+            with shapes, (sparse_form(form) if form else contextlib.nullcontext()):
                 out, _ = layer(x)
                 out.square().sum().backward()
             matrices = {(d.out_features, d.in_features) for d in deltas.values()}
@@ -384,8 +418,9 @@ def sparse_kernel_keeps_dropped_positions_and_builds_no_dense_delta():
                 assert moved, f"{impl} {m}: no kept value moved (vacuous)"
 
 
-def test_sparse_kernel_keeps_dropped_positions_and_builds_no_dense_delta(dist1):
-    dist1.run(sparse_kernel_keeps_dropped_positions_and_builds_no_dense_delta)
+@pytest.mark.parametrize("form", [None, "gather"])
+def test_sparse_kernel_keeps_dropped_positions_and_builds_no_dense_delta(dist1, form):
+    dist1.run(sparse_kernel_keeps_dropped_positions_and_builds_no_dense_delta, form)
 
 
 # --------------------------------------------------------------------------- #
@@ -605,9 +640,12 @@ def test_kernel_only_benchmark_writes_every_product(tmp_path, capsys):
             "--json", str(path)]
     assert bench_moe_layer_main(argv) == 0
     rows = json.loads(path.read_text())["kernel"]
-    # 2 dtypes x 2 matrices x 2 drop rates x 3 products, each against the dense product it replaces.
-    assert len(rows) == 24 and {r["product"] for r in rows} == {"forward", "input grad", "values grad"}
-    assert [sum(r["dtype"] == d for r in rows) for d in ("float32", "bfloat16")] == [12, 12]
+    # 2 dtypes x 2 matrices x 2 drop rates x 2 products, each against the dense products it replaces.
+    assert len(rows) == 16 and {r["product"] for r in rows} == {"forward", "backward"}
+    assert [sum(r["dtype"] == d for r in rows) for d in ("float32", "bfloat16")] == [8, 8]
+    # the gather form is timed where the kernel can take it (the model's own dtype), named where taken
+    assert all((r["gather_ms"] is None) == (r["dtype"] == "bfloat16") for r in rows)
+    assert {r["picked"] for r in rows if r["dtype"] == "bfloat16"} == {"CSR"}
     assert all(r["sparse_ms"] > 0 and r["dense_ms"] > 0 for r in rows)
     assert "| fc2 [16, 32] | 0.5 |" in capsys.readouterr().out
 

@@ -367,17 +367,15 @@ def _add_ratios(results: list[Result]) -> None:
 # Kernel-only: the sparse products against the dense products they replace.
 # --------------------------------------------------------------------------- #
 def kernel_microbench(shape: BenchShape, topk: int, drop_rates, repeats: int = 7, log=print) -> list[dict]:
-    """Median ms of each product of one expert's delta on its ``tokens·topk/experts`` rows.
-
-    For fc1 ([FFN, hidden]) and fc2 ([hidden, FFN]): the three sparse kernels of
-    :mod:`ders_megatron.core.sparse_product` (forward Δ@xᵀ, input grad Δᵀ@dyᵀ, values grad
-    sampled at the kept positions) against the dense GEMMs of the same matrix (x Wᵀ,
-    dy W, dyᵀ x), and the gather/``index_add`` forms of forward and values grad.
+    """Median ms of each product of one expert's delta on its ``tokens·topk/experts`` rows,
+    in both forms the sparse SwiGLU kernel runs (:mod:`ders_megatron.layers.sparse_compute`:
+    CSR with its transposes, and the gather form), against the dense GEMMs of the same
+    matrix: forward ``x Δᵀ`` vs ``x Wᵀ``; backward ``dy Δ`` plus the values' gradient at
+    the kept positions vs ``dy W`` plus ``dyᵀ x``. ``picked`` is the form the kernel takes.
     """
     from ders_megatron.core.deltas import sample_unique
-    from ders_megatron.core.sparse_product import (
-        build_sparse_index, delta_t_times, delta_times, sampled_grad, sparse_dtype,
-    )
+    from ders_megatron.core.sparse_product import build_sparse_index, sparse_dtype
+    from ders_megatron.layers.sparse_compute import CSRProduct, GatherProduct, gather_form_applies
 
     rows = max(1, shape.tokens * topk // shape.experts)
     dtype = DTYPES[shape.dtype]
@@ -388,26 +386,26 @@ def kernel_microbench(shape: BenchShape, topk: int, drop_rates, repeats: int = 7
         x = torch.randn(rows, I, generator=gen).to(dtype)
         dy = torch.randn(rows, O, generator=gen).to(dtype)
         w = torch.randn(O, I, generator=gen).to(dtype)
-        dense = {"forward": lambda: x @ w.t(), "input grad": lambda: dy @ w, "values grad": lambda: dy.t() @ x}
+        dense = {"forward": lambda: x @ w.t(), "backward": lambda: (dy @ w, dy.t() @ x)}
         dense_ms = {name: _median_ms(fn, repeats) for name, fn in dense.items()}
+        buffer = torch.empty(rows * max(O, I), dtype=cd)
         for rate in drop_rates:
             kept = max(1, round((1 - rate) * O * I))
             index = build_sparse_index(sample_unique(O * I, kept, 0), O, I, (0, O), (0, I))
             vals = torch.randn(kept, generator=gen)
-            xT, dyT = x.t().to(cd).contiguous(), dy.t().to(cd).contiguous()
-            sparse = {
-                "forward": lambda: delta_times(index, vals, xT),
-                "input grad": lambda: delta_t_times(index, vals, dyT),
-                "values grad": lambda: sampled_grad(index, dyT, xT.t()),
-            }
-            gather = {
-                "forward": lambda: xT.new_zeros(O, rows).index_add_(0, index.row_K, xT[index.col_K] * vals[:, None].to(cd)),
-                "values grad": lambda: (dyT[index.row_K] * xT[index.col_K]).sum(1),
-            }
-            for name, fn in sparse.items():
+            forms = {"CSR": CSRProduct(index, vals, cd, buffer)}
+            if dtype == cd:  # the gather form runs in the model's dtype only
+                forms["gather"] = GatherProduct(index, vals)
+            for name in ("forward", "backward"):
+                timed = {}
+                for form, product in forms.items():
+                    acc = product.new_grad()
+                    fn = ((lambda p=product: p.add_forward(None, x)) if name == "forward"
+                          else (lambda p=product, acc=acc: p.add_backward(None, dy, x, acc)))
+                    timed[form] = _median_ms(fn, repeats)
                 row = dict(matrix=f"{matrix} [{O}, {I}]", drop_rate=rate, kept=kept, rows=rows, product=name,
-                           sparse_ms=_median_ms(fn, repeats), dense_ms=dense_ms[name],
-                           gather_ms=_median_ms(gather[name], repeats) if name in gather else None)
+                           sparse_ms=timed["CSR"], gather_ms=timed.get("gather"), dense_ms=dense_ms[name],
+                           picked="gather" if dtype == cd and gather_form_applies(index) else "CSR")
                 row["sparse_vs_dense"] = row["sparse_ms"] / row["dense_ms"]
                 out.append(row)
                 log(format_kernel_row(row))
@@ -426,14 +424,14 @@ def _median_ms(fn, repeats: int) -> float:
     return 1e3 * statistics.median(seconds)
 
 
-KERNEL_HEAD = ("| matrix | p | kept | rows | product | sparse ms | dense ms | × dense | gather/index_add ms |\n"
-               "|---|---|---|---|---|---|---|---|---|")
+KERNEL_HEAD = ("| matrix | p | kept | rows | product | CSR ms | dense ms | CSR × dense | gather ms | kernel takes |\n"
+               "|---|---|---|---|---|---|---|---|---|---|")
 
 
 def format_kernel_row(row: dict) -> str:
     return (f"| {row['matrix']} | {row['drop_rate']} | {row['kept']:,d} | {row['rows']} | {row['product']} | "
             f"{row['sparse_ms']:.2f} | {row['dense_ms']:.2f} | {row['sparse_vs_dense']:.3f} | "
-            f"{_fmt(row['gather_ms'], '.2f')} |")
+            f"{_fmt(row['gather_ms'], '.2f')} | {row['picked']} |")
 
 
 def machine_description() -> str:

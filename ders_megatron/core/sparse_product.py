@@ -17,6 +17,9 @@ takes 0.6-2.8 ms against 28-61 ms for the gather/``index_add`` form and 7-14 ms
 for the dense GEMM it replaces; ``sampled_addmm`` 0.8-1.9 ms against 43-90 ms for
 gathering both operands. The gather forms move a [K, n] temporary through memory;
 MKL's CSR kernel streams each kept value against a contiguous row of n tokens.
+Only for tiny deltas (K of a few hundred to a few thousand, p = 0.9999 at these
+sizes) does the gather form win, by skipping the transposes CSR needs; the SwiGLU
+kernel (:mod:`ders_megatron.layers.sparse_compute`) switches there.
 On CUDA the same calls run cuSPARSE.
 
 MKL's CSR kernels have no bfloat16/float16 path ("addmm_out_sparse_csr_impl_mkl"

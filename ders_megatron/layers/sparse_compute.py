@@ -4,17 +4,22 @@ kernel's structure with sparse products in place of the rank-R terms.
 Base fc1 and fc2 run once per token through megatron's linears (outside the kernel,
 as in :mod:`ders_megatron.layers.expert_compute`); the (token, slot) pairs, grouped
 by expert (a ``PairOrder``: ``token_P``, ``order_P``, ``segments``), go through in
-tiles of ``tile`` rows. Per tile of expert e (Δ as CSR, :mod:`ders_megatron.core.sparse_product`)::
+tiles of ``tile`` rows. Per tile of expert e::
 
-    g = base_g[tok] + (Δg_e @ xᵀ)ᵀ ;  u = base_u[tok] + (Δu_e @ xᵀ)ᵀ ;  h = silu(g)·u
+    [g | u] = base[tok] + x [Δg_e; Δu_e]ᵀ  (gate and up deltas stacked: one product) ;  h = silu(g)·u
     hbar[tok] += p·h                       (fc2's base input, Σ_s p_s h_s)
-    dout[tok] += p·(Δ2_e @ hᵀ)ᵀ            (fc2's delta term, Σ_s p_s Δ2_e h_s)
+    dout[tok] += p·(h Δ2_eᵀ)               (fc2's delta term, Σ_s p_s Δ2_e h_s)
+
+Each product runs in one of two forms, chosen per expert and matrix by its size
+(:func:`gather_form_applies`): CSR × dense (:mod:`ders_megatron.core.sparse_product`,
+tokens as columns, so a transpose in and one out), or for tiny deltas (p = 0.9999) a
+gather of the kept columns added at their rows, with no transpose and no CSR call.
 
 The backward recomputes g, u, h tile by tile (no ``[T·k, F]`` tensor is kept, the
 layer saves what a dense SwiGLU MLP saves plus x) and uses, with
-``G = dhbar[tok] + (Δ2_eᵀ @ ddoutᵀ)ᵀ``: ``dp = h·G``, ``dh = p·G``, then dg/du by the
-SwiGLU derivative, ``dx[tok] += (Δg_eᵀ dgᵀ + Δu_eᵀ duᵀ)ᵀ`` and the values' gradients
-as sampled products at the kept positions only.
+``G = dhbar[tok] + ddout Δ2_e``: ``dp = h·G``, ``dh = p·G``, then dg/du by the
+SwiGLU derivative, ``dx[tok] += [dg | du] [Δg_e; Δu_e]`` and the values' gradients
+at the kept positions only (sampled products, or gathered sums).
 
 It imports nothing of the low-rank kernel's module (which calls into this one).
 Shapes: ``T`` tokens, ``H`` hidden, ``F`` this rank's FFN columns, ``P`` pairs, ``n`` a tile's pairs.
@@ -76,19 +81,18 @@ class _SparseSwiGLU(torch.autograd.Function):
     def forward(ctx, base_T2F, x_TH, vg_EK, vu_EK, v2_EK, p_P, token_P, segments, indexes, tile):
         base_T2F = base_T2F.contiguous()
         T, F_ = base_T2F.shape[0], base_T2F.shape[1] // 2
-        cd = sparse_dtype(base_T2F.dtype)
-        mats = _expert_matrices(indexes, (vg_EK, vu_EK, v2_EK), cd, transposed=False)
+        products = _expert_products(indexes, (vg_EK, vu_EK, v2_EK), base_T2F, x_TH, tile)
         p_P1 = p_P.detach().unsqueeze(1)  # its own dtype: h·p rounds once, as megatron's MLP
         hbar_TF = base_T2F.new_empty(T, F_)
         dout_TH = base_T2F.new_empty(T, x_TH.shape[1])
         plan = _plan(segments, token_P, tile)
         gu_ = base_T2F.new_empty(tile, 2 * F_)
-        products = _product_buffer(base_T2F, x_TH, tile, cd)
         for e, c, tok, first in plan:
             n = c.stop - c.start
-            gu = _gate_up(base_T2F, tok, mats[e][0], _gather_t(x_TH, tok, cd), gu_[:n], products)
+            gu = torch.index_select(base_T2F, 0, tok, out=gu_[:n])  # [n, 2F]
+            products[e][0].add_forward(gu, torch.index_select(x_TH, 0, tok))  # += x [Δg; Δu]ᵀ
             h = torch._C._nn.silu(gu[:, :F_]).mul_(gu[:, F_:])  # [n, F]
-            d2 = _rows(product_into(products, mats[e][1], h.t().to(cd).contiguous()))  # [n, H]
+            d2 = products[e][1].add_forward(None, h)  # [n, H]: h Δ2ᵀ
             _write_rows(dout_TH, tok, d2.mul_(p_P1[c]), first)
             _write_rows(hbar_TF, tok, h.mul_(p_P1[c]), first)
         ctx.save_for_backward(base_T2F, x_TH, vg_EK, vu_EK, v2_EK, p_P1)
@@ -98,69 +102,156 @@ class _SparseSwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dhbar_TF, ddout_TH):
         base_T2F, x_TH, vg_EK, vu_EK, v2_EK, p_P1 = ctx.saved_tensors
-        indexes, cd = ctx.indexes, sparse_dtype(base_T2F.dtype)
         values = (vg_EK, vu_EK, v2_EK)
-        mats = _expert_matrices(indexes, values, cd, transposed=False)
-        mats_t = _expert_matrices(indexes, values, cd, transposed=True)
+        products = _expert_products(ctx.indexes, values, base_T2F, x_TH, ctx.tile)
         F_ = base_T2F.shape[1] // 2
         dhbar_TF = dhbar_TF.contiguous()
-        grads = _Grads(base_T2F, x_TH, values, indexes, p_P1.shape[0], cd, ctx.p_dtype)
+        grads = _Grads(base_T2F, x_TH, values, ctx.indexes, products, p_P1.shape[0], ctx.p_dtype)
         gu_ = base_T2F.new_empty(ctx.tile, 2 * F_)
         s_ = base_T2F.new_empty(ctx.tile, F_)
-        products = _product_buffer(base_T2F, x_TH, ctx.tile, cd)
         hG_ = product_scratch(base_T2F, ctx.tile, F_, grads.p_P.dtype)  # h·G, exact products
         dgu = base_T2F.new_empty(ctx.tile, 2 * F_)  # [dg | du]: one contiguous row per pair
         for e, c, tok, first in ctx.plan:
             n = c.stop - c.start
             s, dgu_ = s_[:n], dgu[:n]
-            xT = _gather_t(x_TH, tok, cd)
-            gu = _gate_up(base_T2F, tok, mats[e][0], xT, gu_[:n], products)
+            x_n = torch.index_select(x_TH, 0, tok)
+            gu = torch.index_select(base_T2F, 0, tok, out=gu_[:n])
+            products[e][0].add_forward(gu, x_n)
             g, u = gu[:, :F_], gu[:, F_:]
             torch._C._nn.silu(g, out=s)
             h = s * u
-            ddoutT = _gather_t(ddout_TH, tok, cd)  # [H, n]
-            G = torch.index_select(dhbar_TF, 0, tok)
-            G.add_(_rows(product_into(products, mats_t[e][1], ddoutT)))  # dL/d(p h)
-            grads.add_values(e, 1, ddoutT.mul_(p_P1[c].t().to(cd)), h.to(cd))
+            G = torch.index_select(dhbar_TF, 0, tok)  # becomes dL/d(p h) = dhbar + ddout Δ2
+            products[e][1].add_backward(G, torch.index_select(ddout_TH, 0, tok), h, grads.acc(e, 1), p_P1[c])
             torch.sum(exact_products(h, G, hG_), 1, out=grads.p_P[c])  # dL/dp = h·G
             G.mul_(p_P1[c])  # dL/dh
             torch.mul(G, s, out=dgu_[:, F_:])  # du = dL/dh · silu(g)
             torch.ops.aten.silu_backward.grad_input(G.mul_(u), g, grad_input=dgu_[:, :F_])  # dg
             _write_rows(grads.base_T2F, tok, dgu_, first)
-            dguT = dgu_.t().to(cd).contiguous()  # [2F, n]
-            dx = _rows(product_into(products, mats_t[e][0], dguT))  # [n, H]: Δgᵀ dg + Δuᵀ du, one product
+            dx = products[e][0].add_backward(None, dgu_, x_n, grads.acc(e, 0))  # [n, H]: dg Δg + du Δu
             grads.x_TH.index_add_(0, tok, dx.to(grads.x_TH.dtype))
-            grads.add_values(e, 0, dguT, xT.t())
         dvg, dvu, dv2 = grads.values_grads()
         return (grads.base_T2F, grads.x_TH, dvg, dvu, dv2, grads.p_P.to(ctx.p_dtype),
                 None, None, None, None)
 
 
+class CSRProduct:
+    """One expert's delta ``Δ`` [O, I] (values in CSR order) as CSR products: y += x Δᵀ runs
+    as ``Δ @ xᵀ`` into the shared buffer and comes back as rows (one transpose each way:
+    MKL's CSR kernels are fast only with row-major [·, n] operands, measured)."""
+
+    def __init__(self, index, vals_K, dtype, buffer):
+        self.index, self.dtype, self.buffer = index, dtype, buffer
+        self.mat = index.matrix(vals_K.to(dtype))
+        self.mat_t = index.matrix_t(vals_K.to(dtype))
+
+    def add_forward(self, out_nO, in_nI):
+        """out += in Δᵀ and returns out (``out`` None: returns in Δᵀ, in the products' dtype)."""
+        inT_In = in_nI.t().to(self.dtype).contiguous()
+        return _add_to(out_nO, _rows(product_into(self.buffer, self.mat, inT_In)))
+
+    def add_backward(self, out_nI, dy_nO, in_nI, acc, scale_n1=None):
+        """out += dy Δ (None: a new one) and acc += ((scale·dy)ᵀ in) at the kept positions;
+        returns out."""
+        dyT_On = dy_nO.t().to(self.dtype).contiguous()
+        out_nI = _add_to(out_nI, _rows(product_into(self.buffer, self.mat_t, dyT_On)))
+        if scale_n1 is not None:
+            dyT_On.mul_(scale_n1.t().to(self.dtype))
+        sampled_grad_into(acc, dyT_On, in_nI.to(self.dtype))
+        return out_nI
+
+    def new_grad(self):
+        return self.index.pattern(self.dtype)
+
+    @staticmethod
+    def grad_values(acc):
+        return acc.values()
+
+
+class GatherProduct:
+    """The same products by gathering the K kept columns and adding them at their rows
+    (``index_select`` / ``index_add_`` on the tile's rows: no transpose, no CSR call):
+    cheaper than :class:`CSRProduct` while 3·K < O + I (measured on [8192, 1024] and
+    [1024, 4096] deltas, 256 rows, one thread: 0.66 vs 4.5 ms at K = 838, even near
+    K = 4,000). Only where the model's dtype is the products' dtype: a bf16 tile would
+    round every term before the sum."""
+
+    def __init__(self, index, vals_K):
+        self.index, self.vals_K = index, vals_K
+        self.row_K, self.col_K = index.row_K, index.col_K
+
+    def add_forward(self, out_nO, in_nI):
+        if out_nO is None:
+            out_nO = in_nI.new_zeros(in_nI.shape[0], self.index.shape[0])
+        return out_nO.index_add_(1, self.row_K, torch.index_select(in_nI, 1, self.col_K).mul_(self.vals_K))
+
+    def add_backward(self, out_nI, dy_nO, in_nI, acc, scale_n1=None):
+        if out_nI is None:
+            out_nI = dy_nO.new_zeros(dy_nO.shape[0], self.index.shape[1])
+        dy_nK = torch.index_select(dy_nO, 1, self.row_K)
+        out_nI.index_add_(1, self.col_K, dy_nK * self.vals_K)
+        if scale_n1 is not None:
+            dy_nK.mul_(scale_n1)
+        acc += dy_nK.mul_(torch.index_select(in_nI, 1, self.col_K)).sum(0)
+        return out_nI
+
+    def new_grad(self):
+        return self.vals_K.new_zeros(self.index.nnz)
+
+    @staticmethod
+    def grad_values(acc):
+        return acc
+
+
+def _expert_products(indexes, values, base_T2F, x_TH, tile: int):
+    """Per expert (stacked gate/up [2F, H], fc2 [H, F]) as :class:`CSRProduct` or
+    :class:`GatherProduct`, built once per call and shared by its tiles (no autograd:
+    the kernel's own backward). The CSR ones share one result buffer."""
+    model_dtype, dtype = base_T2F.dtype, sparse_dtype(base_T2F.dtype)
+    buffer = base_T2F.new_empty(tile * max(base_T2F.shape[1], x_TH.shape[1]), dtype=dtype)
+    with torch.no_grad():
+        out = []
+        for e, (gate, up, fc2) in enumerate(indexes):
+            vals_gu = torch.cat([gate.values(values[0][e]), up.values(values[1][e])])
+            out.append(tuple(
+                GatherProduct(index, vals.to(dtype)) if model_dtype == dtype and gather_form_applies(index)
+                else CSRProduct(index, vals, dtype, buffer)
+                for index, vals in ((gate.stacked_over(up), vals_gu), (fc2, fc2.values(values[2][e])))
+            ))
+        return out
+
+
+def gather_form_applies(index) -> bool:
+    """Gathering K columns of n rows against transposing an [O, n] result and an [I, n] input
+    (the CSR path's fixed cost per product): the switch-over measured at 3·K ≈ O + I."""
+    rows, cols = index.shape
+    return 3 * index.nnz < rows + cols
+
+
 class _Grads:
     """Gradient buffers of :class:`_SparseSwiGLU`; the values' gradients accumulate per
     (expert, product) in CSR order, in place across the tiles (a sampled product into one
-    CSR accumulator each: the stacked gate/up delta, fc2's), and land on the stored values
-    at the end (kept positions only)."""
+    CSR accumulator, or a [K] sum, each: the stacked gate/up delta, fc2's), and land on the
+    stored values at the end (kept positions only)."""
 
-    def __init__(self, base_T2F, x_TH, values, indexes, pairs: int, dtype, p_dtype):
+    def __init__(self, base_T2F, x_TH, values, indexes, products, pairs: int, p_dtype):
         self.base_T2F = torch.empty_like(base_T2F)  # every row written by its token's slot-0 pair
         self.x_TH = torch.zeros_like(x_TH)
         self.p_P = base_T2F.new_empty(pairs, dtype=prob_grad_dtype(p_dtype))
-        self.values, self.indexes, self.dtype = values, indexes, dtype
-        self.dvals = {}  # (expert, product) -> CSR accumulator, values [K'] in CSR order
+        self.values, self.indexes, self.products = values, indexes, products
+        self.dvals = {}  # (expert, product) -> accumulator of the values in CSR order
 
-    def add_values(self, e, product: int, dyT_On, x_nI) -> None:
-        """dv += (dyᵀ x) at the kept positions of expert e's product (0: gate/up stacked, 1: fc2)."""
+    def acc(self, e, product: int):
+        """The accumulator of expert e's product (0: gate/up stacked, 1: fc2)."""
         key = (e, product)
         if key not in self.dvals:
-            self.dvals[key] = _product_indexes(self.indexes[e])[product].pattern(self.dtype)
-        sampled_grad_into(self.dvals[key], dyT_On, x_nI)
+            self.dvals[key] = self.products[e][product].new_grad()
+        return self.dvals[key]
 
     def values_grads(self):
         out = [torch.zeros_like(v) for v in self.values]  # [E, K] each
         for (e, product), acc in self.dvals.items():
             gate, up, fc2 = self.indexes[e]
-            dv = acc.values()
+            dv = self.products[e][product].grad_values(acc)
             parts = ((0, gate, dv[: gate.nnz]), (1, up, dv[gate.nnz:])) if product == 0 else ((2, fc2, dv),)
             for m, index, dv_m in parts:
                 if index.value_index_K is None:
@@ -170,47 +261,14 @@ class _Grads:
         return out
 
 
-def _product_indexes(index3):
-    """(gate; up stacked [2F, H], fc2 [H, F]): the two sparse products of one expert."""
-    gate, up, fc2 = index3
-    return gate.stacked_over(up), fc2
-
-
-def _expert_matrices(indexes, values, dtype, transposed: bool):
-    """Per expert, the stacked gate/up delta [2F, H] and fc2's [H, F] as CSR tensors in
-    ``dtype`` (their transposes when ``transposed``), built once per call and shared by its
-    tiles (no autograd: the kernel's own backward)."""
-    with torch.no_grad():
-        out = []
-        for e, index3 in enumerate(indexes):
-            gate, up, fc2 = index3
-            vals_gu = torch.cat([gate.values(values[0][e]), up.values(values[1][e])]).to(dtype)
-            vals_2 = fc2.values(values[2][e]).to(dtype)
-            out.append(tuple(index.matrix_t(vals) if transposed else index.matrix(vals)
-                             for index, vals in zip(_product_indexes(index3), (vals_gu, vals_2))))
-        return out
-
-
-def _product_buffer(base_T2F, x_TH, tile: int, dtype) -> torch.Tensor:
-    """Room for any product's [O, n] result of a tile (O = 2F or H), reused by every product."""
-    return base_T2F.new_empty(tile * max(base_T2F.shape[1], x_TH.shape[1]), dtype=dtype)
+def _add_to(out, rows):
+    return rows if out is None else out.add_(rows)
 
 
 def _rows(yT_On: torch.Tensor) -> torch.Tensor:
     """A product's [O, n] result as contiguous rows [n, O]: one blocked transpose copy,
     cheaper than element-wise work on the strided view (measured, docs/benchmarks.md)."""
     return yT_On.t().contiguous()
-
-
-def _gather_t(x_TH, tok_n, dtype) -> torch.Tensor:
-    """x[tok]ᵀ as a contiguous [H, n] in the sparse kernels' dtype."""
-    return x_TH.index_select(0, tok_n).t().to(dtype).contiguous()
-
-
-def _gate_up(base_T2F, tok_n, mat_gu, xT_Hn, gu_n2F, products) -> torch.Tensor:
-    """[g | u] <- base[tok] + ([Δg; Δu] xᵀ)ᵀ: one gather, one stacked product, one add."""
-    torch.index_select(base_T2F, 0, tok_n, out=gu_n2F)
-    return gu_n2F.add_(_rows(product_into(products, mat_gu, xT_Hn)))
 
 
 def _plan(segments, token_P, tile: int):
