@@ -141,8 +141,15 @@ class CSRProduct:
 
     def __init__(self, index, vals_K, dtype, buffer):
         self.index, self.dtype, self.buffer = index, dtype, buffer
-        self.mat = index.matrix(vals_K.to(dtype))
-        self.mat_t = index.matrix_t(vals_K.to(dtype))
+        self.vals_K = vals_K.to(dtype)
+        self.mat = index.matrix(self.vals_K)
+        self._mat_t = None  # Δᵀ, built on the backward's first use (the forward needs none)
+
+    @property
+    def mat_t(self):
+        if self._mat_t is None:
+            self._mat_t = self.index.matrix_t(self.vals_K)
+        return self._mat_t
 
     def add_forward(self, out_nO, in_nI):
         """out += in Δᵀ and returns out (``out`` None: returns in Δᵀ, in the products' dtype)."""
