@@ -164,6 +164,52 @@ def prob_grads_in_bf16(kind):
         return dp, ref_dp, float((out.float() - ref_out.float()).abs().max())
 
 
+def sparse_kernel_bf16_and_fp32():
+    """The sparse kernel on the same (bf16-representable) weights and inputs, in bf16 and in
+    fp32: (output, input grad, values grads) of each, as fp32."""
+    from ders_megatron.testing.distributed import model_parallel
+    from ders_megatron.testing.models import tiny_config
+    from ders_megatron.testing.reference import build_moe_layers, randomize_deltas
+
+    with model_parallel():
+        runs = []
+        state = None
+        for dtype in (torch.bfloat16, torch.float32):
+            config = tiny_config(params_dtype=dtype, bf16=dtype == torch.bfloat16, moe_router_dtype="fp32")
+            dropin, _ = build_moe_layers(config, DeRSConfig(delta=KINDS["sparse"]))
+            dropin = dropin.to(dtype)
+            if state is None:
+                randomize_deltas(dropin)
+                state = {k: v.to(torch.bfloat16) for k, v in dropin.state_dict().items()
+                         if isinstance(v, torch.Tensor) and v.is_floating_point()}
+            dropin.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+            experts = dropin.experts
+            assert experts.uses_sparse_kernel()
+            gen = torch.Generator().manual_seed(0)
+            tokens_per_expert = torch.tensor([5, 0, 7, 3])
+            x = torch.randn(15, config.hidden_size, generator=gen).to(torch.bfloat16).to(dtype).requires_grad_(True)
+            probs = torch.rand(15, generator=gen)
+            upstream = torch.randn(15, config.hidden_size, generator=gen).to(torch.bfloat16).to(dtype)
+            out, _ = experts(x, tokens_per_expert, probs)
+            (out * upstream).sum().backward()
+            values = {m: d.values.grad.float() for m, d in experts.deltas.items()}
+            runs.append((out.detach().float(), x.grad.float(), values))
+        return runs
+
+
+def test_sparse_kernel_in_bf16_follows_fp32(dist1):
+    """bf16 runs the CSR form with fp32 products (MKL has no bf16 CSR kernel) and casts the
+    tiles: within bf16 rounding of the fp32 kernel on the same weights, for the output, the
+    input gradient and every delta's values gradient (a dropped scale, a lost cast or a
+    product applied twice is off by O(1))."""
+    (out16, dx16, dv16), (out32, dx32, dv32) = dist1.run(sparse_kernel_bf16_and_fp32)[0]
+    for got, want, what in [(out16, out32, "output"), (dx16, dx32, "input grad")] + [
+            (dv16[m], dv32[m], f"{m} values grad") for m in dv32]:
+        assert want.abs().max() > 0, f"vacuous: {what} is zero"
+        scale = float(want.abs().max())
+        torch.testing.assert_close(got, want, atol=3e-2 * scale, rtol=3e-2, msg=lambda m: f"{what}: {m}")
+
+
 @pytest.mark.parametrize("kind", ["lowrank", "sparse"])
 def test_router_prob_grad_is_fp32_as_sequential_mlp(dist1, kind):
     """Issue 16 defect 8: the kernels rounded p to bf16 for h·p and summed dL/dp into bf16,
