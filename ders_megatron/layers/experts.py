@@ -31,7 +31,7 @@ from ders_megatron.core.config import DeRSConfig, delta_matrices
 from ders_megatron.core.deltas import build_deltas, derive_seed, merge_ffn
 from ders_megatron.core.deltas import PositionDeltas
 from ders_megatron.layers.expert_compute import dropin_lowrank_swiglu, dropin_sparse_swiglu, lowrank_swiglu_applies
-from ders_megatron.layers.sparse_compute import sparse_swiglu_applies
+from ders_megatron.layers.sparse_compute import prepare_stacked_indexes, sparse_swiglu_applies
 from ders_megatron.layers.placement import ExpertPlacement, mark_base, mark_deltas, tp_shard
 from ders_megatron.layers.shared_expert import DeRSSharedExpert
 
@@ -174,6 +174,8 @@ class DeRSExperts(MegatronModule):
         for matrix, deltas in self.deltas.items():
             if isinstance(deltas, PositionDeltas):
                 deltas.prepare_index(*self.base_slices[matrix])
+        if sparse_swiglu_applies(self):
+            prepare_stacked_indexes(self)
 
     @torch.no_grad()
     def reset_base_parameters(self) -> None:

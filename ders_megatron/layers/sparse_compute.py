@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ders_megatron.core.deltas import PositionDeltas
-from ders_megatron.core.sparse_product import product_into, sampled_grad_into, sparse_dtype
+from ders_megatron.core.sparse_product import product, sampled_grad_into, sparse_dtype
 from ders_megatron.layers.prob_grads import exact_products, prob_grad_dtype, product_scratch
 
 MATRICES = ("fc1_gate", "fc1_up", "fc2")
@@ -81,7 +81,7 @@ class _SparseSwiGLU(torch.autograd.Function):
     def forward(ctx, base_T2F, x_TH, vg_EK, vu_EK, v2_EK, p_P, token_P, segments, indexes, tile):
         base_T2F = base_T2F.contiguous()
         T, F_ = base_T2F.shape[0], base_T2F.shape[1] // 2
-        products = _expert_products(indexes, (vg_EK, vu_EK, v2_EK), base_T2F, x_TH, tile)
+        products = _expert_products(indexes, (vg_EK, vu_EK, v2_EK), base_T2F)
         p_P1 = p_P.detach().unsqueeze(1)  # its own dtype: h·p rounds once, as megatron's MLP
         hbar_TF = base_T2F.new_empty(T, F_)
         dout_TH = base_T2F.new_empty(T, x_TH.shape[1])
@@ -103,7 +103,7 @@ class _SparseSwiGLU(torch.autograd.Function):
     def backward(ctx, dhbar_TF, ddout_TH):
         base_T2F, x_TH, vg_EK, vu_EK, v2_EK, p_P1 = ctx.saved_tensors
         values = (vg_EK, vu_EK, v2_EK)
-        products = _expert_products(ctx.indexes, values, base_T2F, x_TH, ctx.tile)
+        products = _expert_products(ctx.indexes, values, base_T2F)
         F_ = base_T2F.shape[1] // 2
         dhbar_TF = dhbar_TF.contiguous()
         grads = _Grads(base_T2F, x_TH, values, ctx.indexes, products, p_P1.shape[0], ctx.p_dtype)
@@ -127,7 +127,9 @@ class _SparseSwiGLU(torch.autograd.Function):
             torch.mul(G, s, out=dgu_[:, F_:])  # du = dL/dh · silu(g)
             torch.ops.aten.silu_backward.grad_input(G.mul_(u), g, grad_input=dgu_[:, :F_])  # dg
             _write_rows(grads.base_T2F, tok, dgu_, first)
-            dx = products[e][0].add_backward(None, dgu_, x_n, grads.acc(e, 0))  # [n, H]: dg Δg + du Δu
+            G = h = None  # dead: not live beside the last product's operands (the layer's peak)
+            # [n, H]: dg Δg + du Δu; g and u are dead, so their buffer takes [dg | du]ᵀ
+            dx = products[e][0].add_backward(None, dgu_, x_n, grads.acc(e, 0), scratch=gu_)
             grads.x_TH.index_add_(0, tok, dx.to(grads.x_TH.dtype))
         dvg, dvu, dv2 = grads.values_grads()
         return (grads.base_T2F, grads.x_TH, dvg, dvu, dv2, grads.p_P.to(ctx.p_dtype),
@@ -136,11 +138,11 @@ class _SparseSwiGLU(torch.autograd.Function):
 
 class CSRProduct:
     """One expert's delta ``Δ`` [O, I] (values in CSR order) as CSR products: y += x Δᵀ runs
-    as ``Δ @ xᵀ`` into the shared buffer and comes back as rows (one transpose each way:
+    as ``Δ @ xᵀ`` and comes back as rows (one transpose each way:
     MKL's CSR kernels are fast only with row-major [·, n] operands, measured)."""
 
-    def __init__(self, index, vals_K, dtype, buffer):
-        self.index, self.dtype, self.buffer = index, dtype, buffer
+    def __init__(self, index, vals_K, dtype):
+        self.index, self.dtype = index, dtype
         self.vals_K = vals_K.to(dtype)
         self.mat = index.matrix(self.vals_K)
         self._mat_t = None  # Δᵀ, built on the backward's first use (the forward needs none)
@@ -154,13 +156,17 @@ class CSRProduct:
     def add_forward(self, out_nO, in_nI):
         """out += in Δᵀ and returns out (``out`` None: returns in Δᵀ, in the products' dtype)."""
         inT_In = in_nI.t().to(self.dtype).contiguous()
-        return _add_to(out_nO, _rows(product_into(self.buffer, self.mat, inT_In)))
+        return _add_to(out_nO, _rows(product(self.mat, inT_In)))
 
-    def add_backward(self, out_nI, dy_nO, in_nI, acc, scale_n1=None):
+    def add_backward(self, out_nI, dy_nO, in_nI, acc, scale_n1=None, scratch=None):
         """out += dy Δ (None: a new one) and acc += ((scale·dy)ᵀ in) at the kept positions;
-        returns out."""
-        dyT_On = dy_nO.t().to(self.dtype).contiguous()
-        out_nI = _add_to(out_nI, _rows(product_into(self.buffer, self.mat_t, dyT_On)))
+        returns out. ``scratch``: a buffer of at least dy's size whose contents are dead, to
+        hold dyᵀ (used when its dtype is the products')."""
+        if scratch is not None and scratch.dtype == self.dtype:
+            dyT_On = scratch.view(-1)[: dy_nO.numel()].view(dy_nO.shape[1], dy_nO.shape[0]).copy_(dy_nO.t())
+        else:
+            dyT_On = dy_nO.t().to(self.dtype).contiguous()
+        out_nI = _add_to(out_nI, _rows(product(self.mat_t, dyT_On)))
         if scale_n1 is not None:
             dyT_On.mul_(scale_n1.t().to(self.dtype))
         sampled_grad_into(acc, dyT_On, in_nI.to(self.dtype))
@@ -191,7 +197,7 @@ class GatherProduct:
             out_nO = in_nI.new_zeros(in_nI.shape[0], self.index.shape[0])
         return out_nO.index_add_(1, self.row_K, torch.index_select(in_nI, 1, self.col_K).mul_(self.vals_K))
 
-    def add_backward(self, out_nI, dy_nO, in_nI, acc, scale_n1=None):
+    def add_backward(self, out_nI, dy_nO, in_nI, acc, scale_n1=None, scratch=None):
         if out_nI is None:
             out_nI = dy_nO.new_zeros(dy_nO.shape[0], self.index.shape[1])
         dy_nK = torch.index_select(dy_nO, 1, self.row_K)
@@ -209,19 +215,30 @@ class GatherProduct:
         return acc
 
 
-def _expert_products(indexes, values, base_T2F, x_TH, tile: int):
+def prepare_stacked_indexes(experts) -> None:
+    """Build each local expert's stacked gate/up index now (set-up), so no step builds one;
+    after a load the rebuilt per-matrix indexes get theirs on the first call."""
+    deltas = experts.deltas
+    pair = ("fc1_gate", "fc1_up")
+    if not all(m in deltas and isinstance(deltas[m], PositionDeltas) for m in pair) or deltas["fc1_up"].values.is_meta:
+        return  # no gate/up pair of sparse deltas, or a shape-only model: nothing to index
+    for e in range(experts.num_local_experts):
+        gate, up = (deltas[m].sparse_index(e, *experts.base_slices[m]) for m in pair)
+        gate.stacked_over(up)
+
+
+def _expert_products(indexes, values, base_T2F):
     """Per expert (stacked gate/up [2F, H], fc2 [H, F]) as :class:`CSRProduct` or
     :class:`GatherProduct`, built once per call and shared by its tiles (no autograd:
-    the kernel's own backward). The CSR ones share one result buffer."""
+    the kernel's own backward)."""
     model_dtype, dtype = base_T2F.dtype, sparse_dtype(base_T2F.dtype)
-    buffer = base_T2F.new_empty(tile * max(base_T2F.shape[1], x_TH.shape[1]), dtype=dtype)
     with torch.no_grad():
         out = []
         for e, (gate, up, fc2) in enumerate(indexes):
             vals_gu = torch.cat([gate.values(values[0][e]), up.values(values[1][e])])
             out.append(tuple(
                 GatherProduct(index, vals.to(dtype)) if model_dtype == dtype and gather_form_applies(index)
-                else CSRProduct(index, vals, dtype, buffer)
+                else CSRProduct(index, vals, dtype)
                 for index, vals in ((gate.stacked_over(up), vals_gu), (fc2, fc2.values(values[2][e])))
             ))
         return out
@@ -247,19 +264,19 @@ class _Grads:
         self.values, self.indexes, self.products = values, indexes, products
         self.dvals = {}  # (expert, product) -> accumulator of the values in CSR order
 
-    def acc(self, e, product: int):
-        """The accumulator of expert e's product (0: gate/up stacked, 1: fc2)."""
-        key = (e, product)
+    def acc(self, e, which: int):
+        """The accumulator of expert e's product ``which`` (0: gate/up stacked, 1: fc2)."""
+        key = (e, which)
         if key not in self.dvals:
-            self.dvals[key] = self.products[e][product].new_grad()
+            self.dvals[key] = self.products[e][which].new_grad()
         return self.dvals[key]
 
     def values_grads(self):
         out = [torch.zeros_like(v) for v in self.values]  # [E, K] each
-        for (e, product), acc in self.dvals.items():
+        for (e, which), acc in self.dvals.items():
             gate, up, fc2 = self.indexes[e]
-            dv = self.products[e][product].grad_values(acc)
-            parts = ((0, gate, dv[: gate.nnz]), (1, up, dv[gate.nnz:])) if product == 0 else ((2, fc2, dv),)
+            dv = self.products[e][which].grad_values(acc)
+            parts = ((0, gate, dv[: gate.nnz]), (1, up, dv[gate.nnz:])) if which == 0 else ((2, fc2, dv),)
             for m, index, dv_m in parts:
                 if index.value_index_K is None:
                     out[m][e] += dv_m.to(out[m].dtype)
