@@ -111,6 +111,15 @@ def test_compression_verdicts():
     claims = compression_claims("A", table)
     assert _verdicts(claims) == {"dare:0.9 is lossless": "not confirmed", "quant:2 is lossless": "inconclusive"}
     assert all("add nothing measurable" in c["why"] for c in claims)
+    # deltas that measurably hurt (base-only better than uncompressed, as in the Coder layout):
+    # lossless means keeping the uncompressed loss, margin 10 % of |0.02| = 0.002 -- not
+    # "worse than base-only", which any faithful codec would be
+    table["base-only"] = _codec_row(-0.02, -0.03, -0.01)
+    table["dare:0.9"]["vs_none"] = _codec_row(0.0005, -0.0005, 0.0015)["vs_none"]
+    table["quant:2"]["vs_none"] = _codec_row(0.01, 0.008, 0.012)["vs_none"]
+    claims = compression_claims("A", table)
+    assert _verdicts(claims) == {"dare:0.9 is lossless": "confirmed", "quant:2 is lossless": "not confirmed"}
+    assert all("margin +0.0020" in c["why"] for c in claims)
 
 
 # --------------------------------------------------------------------------- #
