@@ -175,3 +175,18 @@ def test_quick_study_resumes(quick_study, capsys):
     after = json.loads((root / "report" / "replication.json").read_text())
     # the same seed, data and start give the same model: the rerun reproduces the loss exactly
     assert after["setting_a"]["llava"]["rows"]["lm4"]["losses"] == before["setting_a"]["llava"]["rows"]["lm4"]["losses"]
+
+
+def test_quant_group_divides_every_expert_input(monkeypatch, tmp_path):
+    """Setting B's SmolLM2 (hidden 576, FFN 1536) is not divisible by the default group of 128:
+    its compression step stopped with compress's error; the study now picks 64 there and keeps
+    128 for Setting A (hidden 128, FFN 512)."""
+    from types import SimpleNamespace
+
+    import ders_megatron.io.checkpoint as checkpoint
+    from ders_megatron.pipeline.replicate.runs import quant_group_size
+
+    for hidden, ffn, want in ((576, 1536, 64), (128, 512, 128), (96, 256, 32)):
+        args = SimpleNamespace(hidden_size=hidden, ffn_hidden_size=4 * hidden, moe_ffn_hidden_size=ffn)
+        monkeypatch.setattr(checkpoint, "stored_args", lambda root, args=args: args)
+        assert quant_group_size(tmp_path) == want

@@ -132,6 +132,20 @@ def train_and_score(start: Path, tokens_N, heldout_N, schedule: Schedule, seed: 
             "heldout_loss": float(losses_W.mean()), "windows": len(losses_W)}
 
 
+def quant_group_size(root: Path, largest: int = 128) -> int:
+    """The quantization group: the largest power of two <= ``largest`` (the default 128) that
+    divides every expert matrix's input features (hidden and FFN widths): 128 for Setting A
+    (128 / 512), 64 for SmolLM2 (576 / 1536), which 128 does not divide."""
+    from ders_megatron.io.checkpoint import stored_args
+
+    args = stored_args(root)
+    widths = [args.hidden_size, getattr(args, "moe_ffn_hidden_size", None) or args.ffn_hidden_size]
+    group = largest
+    while group > 1 and any(w % group for w in widths):
+        group //= 2
+    return group
+
+
 def compression_sweep(trained: Path, dense: Path, upcycled: Path, codecs, heldout_N, seq_length: int,
                       scratch: Path, out: Path, seed: int) -> dict:
     """Held-out window losses of each compressed model and of the base-only control."""
@@ -144,7 +158,7 @@ def compression_sweep(trained: Path, dense: Path, upcycled: Path, codecs, heldou
         # The base is known here (this study upcycled the model from ``dense``): no guard against a
         # wrong --dense; how far the experts moved is what the redundancy step reports.
         cfg = CompressConfig(codecs=codec, base="dense", dense_root=str(dense), seed=seed, shared_expert="full",
-                             max_delta_norm=math.inf)
+                             max_delta_norm=math.inf, group_size=quant_group_size(trained))
         compress_checkpoint(trained, target, cfg, force=True)
         model, _ = load(target)
         results[codec] = _score(model, heldout_N, seq_length, out / f"{codec.replace(':', '-')}.pt")
