@@ -167,12 +167,12 @@ def product(mat_OI: torch.Tensor, bT_In: torch.Tensor) -> torch.Tensor:
 
 def delta_times(index: SparseIndex, vals_K: torch.Tensor, xT_In: torch.Tensor) -> torch.Tensor:
     """Δ @ xᵀ: [O, n] (x given transposed, [I, n], in :func:`sparse_dtype`)."""
-    return index.matrix(vals_K.to(xT_In.dtype)) @ xT_In
+    return product(index.matrix(vals_K.to(xT_In.dtype)), xT_In)
 
 
 def delta_t_times(index: SparseIndex, vals_K: torch.Tensor, dyT_On: torch.Tensor) -> torch.Tensor:
     """Δᵀ @ dyᵀ: [I, n]."""
-    return index.matrix_t(vals_K.to(dyT_On.dtype)) @ dyT_On
+    return product(index.matrix_t(vals_K.to(dyT_On.dtype)), dyT_On)
 
 
 def sampled_grad(index: SparseIndex, dyT_On: torch.Tensor, x_nI: torch.Tensor) -> torch.Tensor:

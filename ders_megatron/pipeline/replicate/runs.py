@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ders_megatron.core.config import DEFAULTS
 from ders_megatron.pipeline.replicate.plan import Layout, TinyGPT, Variant
 from ders_megatron.pipeline.replicate.trainer import Schedule, train, window_losses
 
@@ -132,8 +133,8 @@ def train_and_score(start: Path, tokens_N, heldout_N, schedule: Schedule, seed: 
             "heldout_loss": float(losses_W.mean()), "windows": len(losses_W)}
 
 
-def quant_group_size(root: Path, largest: int = 128) -> int:
-    """The quantization group: the largest power of two <= ``largest`` (the default 128) that
+def quant_group_size(root: Path, largest: int = DEFAULTS["quant_group_size"]) -> int:
+    """The quantization group: the largest power of two <= ``largest`` (the default, 128) that
     divides every expert matrix's input features (hidden and FFN widths): 128 for Setting A
     (128 / 512), 64 for SmolLM2 (576 / 1536), which 128 does not divide."""
     from ders_megatron.io.checkpoint import stored_args
@@ -153,12 +154,13 @@ def compression_sweep(trained: Path, dense: Path, upcycled: Path, codecs, heldou
     from ders_megatron.pipeline.evaluate import checkpoint_size
 
     results = {"none": {**checkpoint_size(trained), "file": None}}
+    group_size = quant_group_size(trained)
     for codec in codecs:
         target = scratch / codec.replace(":", "-")
         # The base is known here (this study upcycled the model from ``dense``): no guard against a
         # wrong --dense; how far the experts moved is what the redundancy step reports.
         cfg = CompressConfig(codecs=codec, base="dense", dense_root=str(dense), seed=seed, shared_expert="full",
-                             max_delta_norm=math.inf, group_size=quant_group_size(trained))
+                             max_delta_norm=math.inf, group_size=group_size)
         compress_checkpoint(trained, target, cfg, force=True)
         model, _ = load(target)
         results[codec] = _score(model, heldout_N, seq_length, out / f"{codec.replace(':', '-')}.pt")
