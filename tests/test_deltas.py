@@ -184,3 +184,52 @@ def test_sparse_index_is_built_once_and_moves_with_the_values():
     deltas.load_state_dict(deltas.state_dict())
     assert deltas.sparse_index(0, slice(0, 6), None) is not first  # a load rebuilds (same positions)
     assert torch.equal(deltas.sparse_index(0, slice(0, 6), None).col_K, first.col_K)
+
+
+def test_sparse_index_keeps_int32_indexes_and_builds_the_transpose_only_when_asked():
+    """4 bytes of index per kept value for Δ (its columns; rows come from the row pointers),
+    8 more once Δᵀ is asked for, 4 more for a slice's value index -- all int32 (the int64
+    row/column/order kept before cost 32 per value). The products over it equal the dense Δ's,
+    sliced and whole, stacked too."""
+    from ders_megatron.core.sparse_product import delta_t_times, delta_times, sampled_grad
+
+    deltas = _with_positions("sparse").requires_grad_(False)
+    x = torch.randn(7, 10, dtype=torch.float64)
+    dy = torch.randn(7, 12, dtype=torch.float64)
+    for rows in (None, slice(0, 6)):
+        index = deltas.sparse_index(1, rows, None)
+        O, I = index.shape
+        picked = 4 * index.nnz if index.value_index_K is not None else 0
+        assert (index.value_index_K is None) == (rows is None)
+        assert index.nbytes() == 4 * index.nnz + 4 * (O + 1) + picked  # Δᵀ not built by a lazy lookup
+        vals = index.values(deltas.values[1].double())
+        dense = index.dense(vals).double()  # [O, I]
+        torch.testing.assert_close(delta_times(index, vals, x.t().contiguous()), dense @ x.t())
+        assert "transposed" not in index.derived  # the forward needs no Δᵀ
+        torch.testing.assert_close(delta_t_times(index, vals, dy[:, :O].t().contiguous()), dense.t() @ dy[:, :O].t())
+        t = index.transposed()
+        assert index.transposed() is t  # built once
+        assert index.nbytes() == 12 * index.nnz + 4 * (O + 1 + I + 1) + picked
+        arrays = (index.crow_O, index.col_K, index.rows(), t.crow_t_I, t.row_t_K, t.order_t_K)
+        assert {a.dtype for a in arrays} == {torch.int32}
+        want_dv = (dy[:, :O].t() @ x)[index.rows().long(), index.col_K.long()]
+        torch.testing.assert_close(sampled_grad(index, dy[:, :O].t().contiguous(), x), want_dv)
+    whole, other = deltas.sparse_index(1), deltas.sparse_index(2)
+    stacked = whole.stacked_over(other)
+    assert stacked.col_K.dtype == torch.int32 and stacked.shape == (2 * whole.shape[0], whole.shape[1])
+    both = torch.cat([whole.dense(whole.values(deltas.values[1])), other.dense(other.values(deltas.values[2]))])
+    vals = torch.cat([whole.values(deltas.values[1]), other.values(deltas.values[2])])
+    torch.testing.assert_close(stacked.dense(vals), both, rtol=0, atol=0)
+    row, col, value_index = deltas.positions(1, slice(0, 6), None)
+    assert row.dtype == col.dtype == value_index.dtype == torch.int64  # callers' arithmetic stays safe
+
+
+def test_prepared_indexes_hold_the_transpose_only_where_asked_also_after_a_load():
+    deltas = _with_positions("sparse")
+    deltas.prepare_index(None, slice(0, 5), transposed=False)
+    deltas.prepare_index(slice(0, 6), None)
+    for _ in range(2):  # as prepared, then as rebuilt by a load
+        for e in range(deltas.num_experts):
+            assert "transposed" not in deltas.sparse_index(e, None, slice(0, 5)).derived
+            assert "transposed" in deltas.sparse_index(e, slice(0, 6), None).derived
+        deltas.load_state_dict(deltas.state_dict())

@@ -210,6 +210,46 @@ def test_sparse_kernel_in_bf16_follows_fp32(dist1):
         torch.testing.assert_close(got, want, atol=3e-2 * scale, rtol=3e-2, msg=lambda m: f"{what}: {m}")
 
 
+def transposes_held_by_the_sparse_kernel():
+    """Which indexes hold Δᵀ after set-up and after a training step of the SwiGLU kernel:
+    {(matrix or "stacked", expert): bool}."""
+    from ders_megatron.testing.distributed import model_parallel
+    from ders_megatron.testing.models import tiny_config
+    from ders_megatron.testing.reference import build_moe_layers, randomize_deltas
+
+    with model_parallel():
+        dropin, _ = build_moe_layers(tiny_config(), DeRSConfig(delta=KINDS["sparse"]))
+        randomize_deltas(dropin)
+        experts = dropin.experts
+        assert experts.uses_sparse_kernel()
+
+        def held():
+            out = {}
+            for e in range(experts.num_local_experts):
+                index = {m: d.sparse_index(e, *experts.base_slices[m]) for m, d in experts.deltas.items()}
+                stacked = index["fc1_gate"].stacked_over(index["fc1_up"])
+                out.update({(m, e): "transposed" in i.derived for m, i in index.items()})
+                out[("stacked", e)] = "transposed" in stacked.derived
+            return out
+
+        before = held()
+        x = torch.randn(15, experts.config.hidden_size, requires_grad=True)
+        out, _ = experts(x, torch.tensor([5, 0, 7, 3]), torch.rand(15))
+        out.square().sum().backward()
+        assert x.grad.abs().max() > 0
+        return before, held()
+
+
+def test_sparse_kernel_keeps_no_transpose_of_the_gate_and_up_indexes(dist1):
+    """The SwiGLU kernel multiplies the stacked gate/up index's Δᵀ, never the gate's or the
+    up's own: set-up builds Δᵀ for the stacked and fc2 indexes only (8 bytes per kept value
+    of gate and up saved), and a forward + backward builds none on top."""
+    before, after = dist1.run(transposes_held_by_the_sparse_kernel)[0]
+    assert before == after
+    for (matrix, _), has_transpose in before.items():
+        assert has_transpose == (matrix in ("stacked", "fc2")), (matrix, has_transpose)
+
+
 @pytest.mark.parametrize("kind", ["lowrank", "sparse"])
 def test_router_prob_grad_is_fp32_as_sequential_mlp(dist1, kind):
     """Issue 16 defect 8: the kernels rounded p to bf16 for h·p and summed dL/dp into bf16,

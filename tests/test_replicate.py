@@ -152,6 +152,8 @@ def test_quick_study_writes_every_artifact(quick_study):
         assert rows["lm4"]["params"] < rows["vanilla"]["params"]
         assert rows["lm4-frozen"]["trainable"] < rows["lm4"]["trainable"]  # the base is frozen
     assert set(results["compression"]["A llava"]) >= {"none", "dare:0.9", "quant:4", "base-only"}
+    assert results["compression"]["A llava"]["quant_group_size"] == 32  # quick model: hidden 32, FFN 64
+    assert "k-bit codecs quantize in groups of 32 input features" in report
     assert results["compression"]["B"]["base-only"]["vs_none"]["n"] > 0
     assert {c["verdict"] for c in results["claims"]} <= {"confirmed", "not confirmed", "inconclusive"}
     for png in ("setting_a_losses", "setting_b_curves", "compression", "redundancy"):

@@ -167,7 +167,7 @@ class PositionDeltas(ExpertDeltas):
         self.values = nn.Parameter(torch.zeros(self.num_experts, self.kept, dtype=dtype))  # [E, K]
         self._indexes: dict[tuple, SparseIndex] = {}  # (expert, slice bounds) -> index
         self._indexes_key: tuple | None = None  # positions_key() the cached indexes belong to
-        self._prepared: set[tuple] = set()  # slice bounds (r0, r1, c0, c1) to rebuild eagerly
+        self._prepared: dict[tuple, bool] = {}  # slice bounds (r0, r1, c0, c1) to rebuild eagerly -> with Δᵀ
 
     def flat_positions(self, expert: int) -> torch.Tensor:
         """Sorted flat positions [K] in [0, O·I) of one local expert (any device)."""
@@ -193,29 +193,32 @@ class PositionDeltas(ExpertDeltas):
             self._indexes[key] = index
         return index
 
-    def prepare_index(self, rows=None, cols=None) -> None:
-        """Build the indexes of every local expert for this slice now (and after each load)."""
-        self._prepared.add(_as_slice(rows, self.out_features) + _as_slice(cols, self.in_features))
+    def prepare_index(self, rows=None, cols=None, *, transposed: bool = True) -> None:
+        """Build the indexes of every local expert for this slice now (and after each load);
+        ``transposed``: Δᵀ's side too (False where another index runs the transposed products:
+        the SwiGLU kernel's stacked gate/up index; 8 bytes per kept value saved)."""
+        bounds = _as_slice(rows, self.out_features) + _as_slice(cols, self.in_features)
+        self._prepared[bounds] = self._prepared.get(bounds, False) or transposed  # any caller's need holds
         if self.values.is_meta:  # a shape-only model (built under torch.device("meta")): nothing to index
             return
         for e in range(self.num_experts):
-            self.sparse_index(e, rows, cols)
+            index = self.sparse_index(e, rows, cols)
+            if transposed:
+                index.transposed()
 
     def _rebuild_indexes(self) -> None:
         self._indexes.clear()
-        if self.values.is_meta:
-            return
-        for r0, r1, c0, c1 in self._prepared:
-            for e in range(self.num_experts):
-                self.sparse_index(e, slice(r0, r1), slice(c0, c1))
+        for (r0, r1, c0, c1), transposed in list(self._prepared.items()):
+            self.prepare_index(slice(r0, r1), slice(c0, c1), transposed=transposed)
 
     def positions(self, expert: int, rows=None, cols=None):
-        """(row, col, value index) of the kept entries inside Δ_e[rows, cols], slice-relative."""
+        """(row, col, value index) of the kept entries inside Δ_e[rows, cols], slice-relative;
+        int64 copies (the index keeps int32), safe for callers' arithmetic such as row·I + col."""
         index = self.sparse_index(expert, rows, cols)
         value_index = index.value_index_K
         if value_index is None:
             value_index = torch.arange(index.nnz, device=index.device)
-        return index.row_K, index.col_K, value_index
+        return index.rows().long(), index.col_K.long(), value_index.long()
 
     def delta_weight(self, expert, rows=None, cols=None):
         index = self.sparse_index(expert, rows, cols)

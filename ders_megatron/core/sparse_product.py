@@ -2,8 +2,9 @@
 
 The kept positions of one expert's Δ (or of the slice a tensor-parallel rank
 applies) become a :class:`SparseIndex` once: CSR row pointers and columns of Δ,
-and of Δᵀ (with the permutation from Δ's order to Δᵀ's), on the values' device; the
-CSR tensors' indices are int32 where they fit (:func:`csr_index_dtype`). With it every product of the delta is a sparse × dense kernel:
+and of Δᵀ (with the permutation from Δ's order to Δᵀ's) where a product needs it, on
+the values' device; every index array is int32 where the counts fit
+(:func:`csr_index_dtype`): 4 bytes of index per kept value for Δ, 8 more for Δᵀ. With it every product of the delta is a sparse × dense kernel:
 
 * forward       ``y = x Δᵀ``            as ``Δ @ xᵀ``   (CSR [O, I] × dense [I, n]);
 * input grad    ``dx = dy Δ``           as ``Δᵀ @ dyᵀ`` (CSR [I, O] × dense [O, n]);
@@ -43,26 +44,59 @@ def sparse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @dataclass(frozen=True)
+class TransposedIndex:
+    """Δᵀ's side of a :class:`SparseIndex`: what the input-gradient product needs."""
+
+    crow_t_I: torch.Tensor  # [I + 1] row pointers of Δᵀ
+    row_t_K: torch.Tensor  # [K] columns of Δᵀ (rows of Δ), in Δᵀ's order
+    order_t_K: torch.Tensor  # [K] entry of Δ's order at each place of Δᵀ's order
+
+
+@dataclass(frozen=True)
 class SparseIndex:
-    """The K kept positions of one [O, I] (slice of a) delta, in CSR form for Δ and for Δᵀ.
+    """The K kept positions of one [O, I] (slice of a) delta, in CSR form for Δ (and for Δᵀ
+    once :meth:`transposed` is asked for).
 
     Entries are in Δ's row-major order ("CSR order"). ``value_index`` says which of the
     expert's stored values each entry holds (None: all of them, in stored order).
+    Every index array has one dtype, :func:`csr_index_dtype` (int32 below 2³¹ entries):
+    the CSR kernels take 32-bit indices as they are, and ``index_select``/``index_add_``/
+    advanced indexing accept them too. Memory per kept value: 4 bytes for Δ's columns,
+    8 more once Δᵀ is built, 4 more where a slice picks values; each entry's row is derived
+    from the row pointers when asked (:meth:`rows`), not kept. (Int64 rows, columns and
+    order, kept whether used or not, cost 32 bytes per value against a 4-byte fp32 value.)
     """
 
     shape: tuple[int, int]  # (O, I) of the slice
-    crow_O: torch.Tensor  # [O + 1] row pointers of Δ (csr_index_dtype)
-    row_K: torch.Tensor  # [K] int64 row of each entry
-    col_K: torch.Tensor  # [K] int64 column of each entry
-    csr_col_K: torch.Tensor  # [K] col_K in csr_index_dtype: the CSR tensors' column indices
-    value_index_K: torch.Tensor | None  # [K] int64 into the expert's values, or None (identity)
-    crow_t_I: torch.Tensor  # [I + 1] row pointers of Δᵀ (csr_index_dtype)
-    row_t_K: torch.Tensor  # [K] columns of Δᵀ (rows of Δ), in Δᵀ's order (csr_index_dtype)
-    order_t_K: torch.Tensor  # [K] int64: entry of Δ's order at each place of Δᵀ's order
+    crow_O: torch.Tensor  # [O + 1] row pointers of Δ
+    col_K: torch.Tensor  # [K] column of each entry (the CSR tensors' column indices)
+    value_index_K: torch.Tensor | None  # [K] into the expert's values, or None (identity)
     nnz: int
     device: torch.device
-    # indexes derived from this one (:meth:`stacked_over`), built once: other's id -> (other, index)
+    # built on first use and kept: "transposed" -> TransposedIndex; other's id -> (other, stacked index)
     derived: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def rows(self) -> torch.Tensor:
+        """[K] row of each entry, from the row pointers (no device sync: the count is known)."""
+        counts_O = self.crow_O.diff()
+        rows_O = torch.arange(self.shape[0], dtype=self.crow_O.dtype, device=self.device)
+        return torch.repeat_interleave(rows_O, counts_O, output_size=self.nnz)
+
+    def transposed(self) -> TransposedIndex:
+        """Δᵀ's row pointers, columns and order, built once (one device sync, on first use).
+
+        Only the products with Δᵀ need it (the input gradient of the CSR form), so an index
+        whose transposed products run elsewhere (the SwiGLU kernel's stacked gate/up index
+        stands in for the gate's and the up's) never holds it."""
+        built = self.derived.get("transposed")
+        if built is None:
+            (O, I), row_K, col_K = self.shape, self.rows().long(), self.col_K.long()
+            order_t = (col_K * O + row_K).argsort()
+            built = TransposedIndex(crow_t_I=_row_pointers(col_K, I).to(self.col_K.dtype),
+                                    row_t_K=row_K[order_t].to(self.col_K.dtype),
+                                    order_t_K=order_t.to(self.col_K.dtype))
+            self.derived["transposed"] = built
+        return built
 
     def values(self, values_K: torch.Tensor) -> torch.Tensor:
         """The entries' values in CSR order from one expert's stored values [K_stored]."""
@@ -70,17 +104,18 @@ class SparseIndex:
 
     def matrix(self, vals_K: torch.Tensor) -> torch.Tensor:
         """Δ as a CSR tensor [O, I] over ``vals_K`` (CSR order)."""
-        return torch.sparse_csr_tensor(self.crow_O, self.csr_col_K, vals_K, self.shape, check_invariants=False)
+        return torch.sparse_csr_tensor(self.crow_O, self.col_K, vals_K, self.shape, check_invariants=False)
 
     def matrix_t(self, vals_K: torch.Tensor) -> torch.Tensor:
         """Δᵀ as a CSR tensor [I, O] over ``vals_K`` (Δ's CSR order)."""
-        return torch.sparse_csr_tensor(self.crow_t_I, self.row_t_K, vals_K[self.order_t_K],
-                                       self.shape[::-1], check_invariants=False)
+        t = self.transposed()
+        return torch.sparse_csr_tensor(t.crow_t_I, t.row_t_K, vals_K[t.order_t_K], self.shape[::-1],
+                                       check_invariants=False)
 
     def dense(self, vals_K: torch.Tensor) -> torch.Tensor:
         """Δ as a dense [O, I] float32 tensor: for merging and references only, never in a product."""
         out = torch.zeros(self.shape, dtype=torch.float32, device=vals_K.device)
-        return out.index_put((self.row_K, self.col_K), vals_K.float())
+        return out.index_put((self.rows(), self.col_K), vals_K.float())
 
     def stacked_over(self, bottom: "SparseIndex") -> "SparseIndex":
         """The index of ``[self; bottom]`` ([O + O_bottom, I]: ``bottom``'s rows below this one's),
@@ -94,15 +129,24 @@ class SparseIndex:
         (O, I), O_bottom = self.shape, bottom.shape[0]
         if bottom.shape[1] != I or bottom.device != self.device:
             raise ValueError(f"cannot stack a {bottom.shape} index under a {self.shape} one")
-        flat = torch.cat([self.row_K * I + self.col_K, (bottom.row_K + O) * I + bottom.col_K])  # sorted
+        flat = torch.cat([self.rows().long() * I + self.col_K,
+                          (bottom.rows().long() + O) * I + bottom.col_K])  # sorted
         stacked = build_sparse_index(flat, O + O_bottom, I, (0, O + O_bottom), (0, I))
         self.derived[id(bottom)] = (bottom, stacked)
         return stacked
 
+    def nbytes(self) -> int:
+        """Bytes this index holds on its device, Δᵀ's side included once built (stacked
+        indexes derived from it not counted)."""
+        t = self.derived.get("transposed")
+        arrays = (self.crow_O, self.col_K, self.value_index_K,
+                  *((t.crow_t_I, t.row_t_K, t.order_t_K) if t is not None else ()))
+        return sum(a.numel() * a.element_size() for a in arrays if a is not None)
+
     def pattern(self, dtype: torch.dtype) -> torch.Tensor:
         """Δ's positions as a CSR tensor of zeros: the accumulator of :func:`sampled_grad_into`."""
         vals_K = torch.zeros(self.nnz, dtype=dtype, device=self.device)
-        return torch.sparse_csr_tensor(self.crow_O, self.csr_col_K, vals_K, self.shape, check_invariants=False)
+        return torch.sparse_csr_tensor(self.crow_O, self.col_K, vals_K, self.shape, check_invariants=False)
 
 
 def csr_index_dtype(nnz: int, shape: tuple[int, int]) -> torch.dtype:
@@ -129,18 +173,12 @@ def build_sparse_index(flat_K: torch.Tensor, out_features: int, in_features: int
     if not bool((order == torch.arange(order.numel(), device=order.device)).all()):  # unsorted input
         value_index = order if value_index is None else value_index[order]
         row, col = row[order], col[order]
-    order_t = (col * O + row).argsort()
-    index_dtype = csr_index_dtype(row.numel(), (O, I))
+    index_dtype = csr_index_dtype(flat.numel(), (O, I))  # value_index points into all K_stored values
     return SparseIndex(
         shape=(O, I),
         crow_O=_row_pointers(row, O).to(index_dtype),
-        row_K=row,
-        col_K=col,
-        csr_col_K=col.to(index_dtype),
-        value_index_K=value_index,
-        crow_t_I=_row_pointers(col, I).to(index_dtype),
-        row_t_K=row[order_t].to(index_dtype),
-        order_t_K=order_t,
+        col_K=col.to(index_dtype),
+        value_index_K=None if value_index is None else value_index.to(index_dtype),
         nnz=row.numel(),
         device=flat.device,
     )

@@ -170,11 +170,14 @@ class DeRSExperts(MegatronModule):
 
     def prepare_sparse_indexes(self) -> None:
         """Sparse kinds: build each expert's CSR index of this rank's slice now (rebuilt by the
-        delta modules after a load), so no forward derives positions or copies them."""
+        delta modules after a load), so no forward derives positions or copies them. Under the
+        SwiGLU kernel the gate's and up's Δᵀ are never multiplied (their stacked index's is)."""
+        swiglu = sparse_swiglu_applies(self)
         for matrix, deltas in self.deltas.items():
             if isinstance(deltas, PositionDeltas):
-                deltas.prepare_index(*self.base_slices[matrix])
-        if sparse_swiglu_applies(self):
+                deltas.prepare_index(*self.base_slices[matrix],
+                                     transposed=not (swiglu and matrix in ("fc1_gate", "fc1_up")))
+        if swiglu:
             prepare_stacked_indexes(self)
 
     @torch.no_grad()

@@ -190,7 +190,7 @@ class GatherProduct:
 
     def __init__(self, index, vals_K):
         self.index, self.vals_K = index, vals_K
-        self.row_K, self.col_K = index.row_K, index.col_K
+        self.row_K, self.col_K = index.rows(), index.col_K  # K is tiny here: rows derived per call
 
     def add_forward(self, out_nO, in_nI):
         if out_nO is None:
@@ -217,14 +217,14 @@ class GatherProduct:
 
 def prepare_stacked_indexes(experts) -> None:
     """Build each local expert's stacked gate/up index now (set-up), so no step builds one;
-    after a load the rebuilt per-matrix indexes get theirs on the first call."""
+    after a load the rebuilt per-matrix indexes get theirs on the first call (Δᵀ on the first backward)."""
     deltas = experts.deltas
     pair = ("fc1_gate", "fc1_up")
     if not all(m in deltas and isinstance(deltas[m], PositionDeltas) for m in pair) or deltas["fc1_up"].values.is_meta:
         return  # no gate/up pair of sparse deltas, or a shape-only model: nothing to index
     for e in range(experts.num_local_experts):
         gate, up = (deltas[m].sparse_index(e, *experts.base_slices[m]) for m in pair)
-        gate.stacked_over(up)
+        gate.stacked_over(up).transposed()  # the CSR form's input gradient (tiny where gather runs)
 
 
 def _expert_products(indexes, values, base_T2F):

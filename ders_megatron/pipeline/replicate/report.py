@@ -72,7 +72,8 @@ def compression_table(profile: Profile, records: dict, workdir: Path, setting: s
         return None
     uncompressed = torch.cat([torch.load(workdir / setting / "losses" / f"{r}.pt", weights_only=True) for r, _ in done])
     out = {"runs": [r for r, _ in done], "none": {"heldout_loss": float(uncompressed.mean()),
-                                                    "bytes": done[0][1]["summary"]["none"]["bytes"]}}
+                                                    "bytes": done[0][1]["summary"]["none"]["bytes"]},
+           "quant_group_size": _quant_group(workdir / setting / "ckpt" / "trained" / done[0][0])}
     losses = {}
     for codec in (*profile.codecs, "base-only"):
         files = [Path(rec["summary"][codec]["file"]) for _, rec in done if codec in rec["summary"]]
@@ -89,6 +90,19 @@ def compression_table(profile: Profile, records: dict, workdir: Path, setting: s
                 out[codec]["vs_base_only"] = stats.paired_bootstrap(losses[codec], losses["base-only"],
                                                                     profile.bootstrap).__dict__
     return out
+
+
+def _quant_group(trained: Path) -> int | None:
+    """The k-bit codecs' group size the sweep used (from the trained checkpoint's widths, as
+    the sweep picks it); None where the checkpoint is gone (the report then does not say)."""
+    from ders_megatron.pipeline.replicate.runs import quant_group_size
+
+    return quant_group_size(trained) if trained.is_dir() else None
+
+
+def codec_rows(table: dict) -> list[str]:
+    """The compressed variants and the base-only control of a compression table, in order."""
+    return [key for key in table if key not in ("runs", "none", "quant_group_size")]
 
 
 def cosine_summary(record: dict | None) -> dict | None:
@@ -277,7 +291,7 @@ def plot_compression(tables: dict, path: Path) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 4))
     for label, table in tables.items():
-        codecs = [c for c in table if c not in ("runs", "none")]
+        codecs = codec_rows(table)
         diffs = [stats.Interval(**table[c]["vs_none"]) for c in codecs]
         ax.errorbar(range(len(codecs)), [d.mean for d in diffs],
                     yerr=[[d.mean - d.low for d in diffs], [d.high - d.mean for d in diffs]], fmt="o", capsize=3,
@@ -344,12 +358,14 @@ def markdown_a(table: dict, setting: str = "A") -> list[str]:
 
 
 def markdown_compression(label: str, table: dict) -> list[str]:
+    group = table.get("quant_group_size")
     lines = [f"### Compression of the trained vanilla MoE, {label} ({len(table['runs'])} run(s), dense base)", "",
+             *([f"k-bit codecs quantize in groups of {group} input features (the largest power of two <= 128 "
+                "that divides the hidden and FFN widths), one scale (and for k >= 2 an offset) per group.", ""] if group else []),
              "| codec | stored bytes | held-out loss | - uncompressed (95 % CI, paired bootstrap) |", "|---|---|---|---|",
              f"| none | {table['none']['bytes']:,} | {table['none']['heldout_loss']:.4f} | |"]
-    for codec, row in table.items():
-        if codec in ("runs", "none"):
-            continue
+    for codec in codec_rows(table):
+        row = table[codec]
         diff = stats.Interval(**row["vs_none"])
         size = f"{row['bytes']:,}" if row.get("bytes") else "(in memory)"
         lines.append(f"| {codec} | {size} | {row['heldout_loss']:.4f} | {diff.text()} |")
