@@ -179,6 +179,16 @@ def test_quick_study_resumes(quick_study, capsys):
     assert after["setting_a"]["llava"]["rows"]["lm4"]["losses"] == before["setting_a"]["llava"]["rows"]["lm4"]["losses"]
 
 
+def test_budget_lines_sum_each_setting_and_say_over_or_within():
+    from ders_megatron.pipeline.replicate.report import budget_lines
+
+    steps = {"text": 0.0, "a-pretrain": 3600.0, "a-dense-s1": 1800.0, "b-dense": 5400.0}
+    (line,) = budget_lines(steps)
+    assert "Setting A 1.5 h, Setting B 1.5 h, 3.0 h in all: within the 3 h budget" in line
+    steps["b-vanilla"] = 36.0
+    assert "3.0 h in all: over the 3 h budget" in budget_lines(steps)[0]
+
+
 def test_quant_group_divides_every_expert_input(monkeypatch, tmp_path):
     """Setting B's SmolLM2 (hidden 576, FFN 1536) is not divisible by the default group of 128:
     its compression step stopped with compress's error; the study now picks 64 there and keeps
