@@ -189,6 +189,17 @@ def test_budget_lines_sum_each_setting_and_say_over_or_within():
     assert "3.0 h in all: over the 3 h budget" in budget_lines(steps)[0]
 
 
+def test_movement_note_says_whether_setting_b_reached_its_cosine_aim():
+    from ders_megatron.pipeline.replicate.report import movement_note
+
+    def summary(low):
+        return {m: {"min_cos": low} for m in ("fc1", "fc2")}
+
+    assert "**not reached**" in movement_note(summary(0.99978))[0]
+    assert "min cos 0.998000, reached." in movement_note(summary(0.998))[0]
+    assert movement_note(None) == []
+
+
 def test_quant_group_divides_every_expert_input(monkeypatch, tmp_path):
     """Setting B's SmolLM2 (hidden 576, FFN 1536) is not divisible by the default group of 128:
     its compression step stopped with compress's error; the study now picks 64 there and keeps

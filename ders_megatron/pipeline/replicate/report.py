@@ -228,6 +228,21 @@ def compression_claims(label: str, table: dict | None) -> list[dict]:
     return claims
 
 
+B_COSINE_AIM = 0.999  # issue 14: Setting B trains until vanilla's experts really move
+
+
+def movement_note(summary: dict | None) -> list[str]:
+    """Whether Setting B's vanilla experts moved as far as the study aimed (below
+    ``B_COSINE_AIM`` to the dense FFN), so that its redundancy verdict tests experts that moved."""
+    if not summary:
+        return []
+    low = min(summary[m]["min_cos"] for m in ("fc1", "fc2"))
+    reached = low < B_COSINE_AIM
+    return [f"Setting B aimed for vanilla experts below cosine {B_COSINE_AIM} to the dense FFN: min cos {low:.6f}, "
+            + ("reached." if reached else "**not reached** (more training than this run's would be needed): "
+               "its redundancy verdict says only that this much training leaves the experts there."), ""]
+
+
 def redundancy_claim(label: str, summary: dict | None) -> list[dict]:
     if not summary:
         return []
@@ -474,6 +489,7 @@ def render(profile, a_table, b_rows, compression, results, claims, plots, out_di
     lines += markdown_a(a_table)
     if b_rows is not None:
         lines += ["## Setting B", ""] + markdown_a({"b": {"label": "SmolLM2, " + profile.b.layout.label, "rows": b_rows}}, "B")
+        lines += movement_note(results["redundancy"].get("B"))
     for label, table in compression.items():
         if table:
             lines += markdown_compression(label, table)
