@@ -31,7 +31,7 @@ from ders_megatron.core.config import DeRSConfig, delta_matrices
 from ders_megatron.core.deltas import build_deltas, derive_seed, merge_ffn
 from ders_megatron.core.deltas import PositionDeltas
 from ders_megatron.layers.expert_compute import dropin_lowrank_swiglu, dropin_sparse_swiglu, lowrank_swiglu_applies
-from ders_megatron.layers.sparse_compute import prepare_stacked_indexes, sparse_swiglu_applies
+from ders_megatron.layers.sparse_compute import STACKED, prepare_stacked_indexes, sparse_swiglu_applies
 from ders_megatron.layers.placement import ExpertPlacement, mark_base, mark_deltas, tp_shard
 from ders_megatron.layers.shared_expert import DeRSSharedExpert
 
@@ -176,7 +176,7 @@ class DeRSExperts(MegatronModule):
         for matrix, deltas in self.deltas.items():
             if isinstance(deltas, PositionDeltas):
                 deltas.prepare_index(*self.base_slices[matrix],
-                                     transposed=not (swiglu and matrix in ("fc1_gate", "fc1_up")))
+                                     transposed=not (swiglu and matrix in STACKED))
         if swiglu:
             prepare_stacked_indexes(self)
 

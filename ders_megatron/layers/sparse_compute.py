@@ -35,6 +35,7 @@ from ders_megatron.core.sparse_product import product, sampled_grad_into, sparse
 from ders_megatron.layers.prob_grads import exact_products, prob_grad_dtype, product_scratch
 
 MATRICES = ("fc1_gate", "fc1_up", "fc2")
+STACKED = MATRICES[:2]  # gate and up: one stacked [2F, H] index runs their products
 
 
 def sparse_swiglu_applies(experts) -> bool:
@@ -219,11 +220,10 @@ def prepare_stacked_indexes(experts) -> None:
     """Build each local expert's stacked gate/up index now (set-up), so no step builds one;
     after a load the rebuilt per-matrix indexes get theirs on the first call (Δᵀ on the first backward)."""
     deltas = experts.deltas
-    pair = ("fc1_gate", "fc1_up")
-    if not all(m in deltas and isinstance(deltas[m], PositionDeltas) for m in pair) or deltas["fc1_up"].values.is_meta:
+    if not all(m in deltas and isinstance(deltas[m], PositionDeltas) for m in STACKED) or deltas["fc1_up"].values.is_meta:
         return  # no gate/up pair of sparse deltas, or a shape-only model: nothing to index
     for e in range(experts.num_local_experts):
-        gate, up = (deltas[m].sparse_index(e, *experts.base_slices[m]) for m in pair)
+        gate, up = (deltas[m].sparse_index(e, *experts.base_slices[m]) for m in STACKED)
         gate.stacked_over(up).transposed()  # the CSR form's input gradient (tiny where gather runs)
 
 

@@ -228,6 +228,11 @@ def compression_claims(label: str, table: dict | None) -> list[dict]:
     return claims
 
 
+def lowest_cosine(summary: dict) -> float:
+    """The smallest cos(W_e, W_dense) over every expert of fc1 and fc2 (a redundancy summary)."""
+    return min(summary[m]["min_cos"] for m in ("fc1", "fc2"))
+
+
 B_COSINE_AIM = 0.999  # issue 14: Setting B trains until vanilla's experts really move
 
 
@@ -236,7 +241,7 @@ def movement_note(summary: dict | None) -> list[str]:
     ``B_COSINE_AIM`` to the dense FFN), so that its redundancy verdict tests experts that moved."""
     if not summary:
         return []
-    low = min(summary[m]["min_cos"] for m in ("fc1", "fc2"))
+    low = lowest_cosine(summary)
     reached = low < B_COSINE_AIM
     return [f"Setting B aimed for vanilla experts below cosine {B_COSINE_AIM} to the dense FFN: min cos {low:.6f}, "
             + ("reached." if reached else "**not reached** (more training than this run's would be needed): "
@@ -246,7 +251,7 @@ def movement_note(summary: dict | None) -> list[str]:
 def redundancy_claim(label: str, summary: dict | None) -> list[dict]:
     if not summary:
         return []
-    low = min(summary[m]["min_cos"] for m in ("fc1", "fc2"))
+    low = lowest_cosine(summary)
     rel = max(summary[m]["max_relative_delta"] for m in ("fc1", "fc2"))
     verdict = stats.CONFIRMED if low > PAPER_COSINE else stats.NOT_CONFIRMED
     return [_claim(f"[{label}] experts stay redundant (cos to the dense FFN)", f"> {PAPER_COSINE} (Fig. 1)",
